@@ -1,0 +1,151 @@
+"""Backbones with a classifier and an L2-normalised embedding head.
+
+Every model returns :class:`ModelOutput`: ``logits`` (B, C) and ``z`` (B, D), the embedding the
+distractor search works on. torchvision supplies the backbones; for small inputs (MedMNIST's 28x28)
+the stem is adapted rather than the image upsampled: the first convolution becomes 3x3 with stride
+1 and the first max-pool is dropped, as in the MedMNIST "ResNet (28)" baselines, so a 28x28 image
+still reaches the last stage at 4x4 instead of 1x1.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from nil.errors import NilError
+
+LOG = logging.getLogger(__name__)
+
+MODELS = ("small_cnn", "resnet18", "resnet50", "densenet121", "efficientnet_b0")
+SMALL_INPUT = 64  # below this side length the stem is adapted for small images
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, C) float
+    z: torch.Tensor  # (B, D) float, L2-normalised
+    features: torch.Tensor  # (B, F) pooled backbone features, before the heads
+
+
+class SmallCNN(nn.Module):
+    """Four conv blocks for fast CPU runs; pooled features of width 256."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        widths = [32, 64, 128, 256]
+        layers, c = [], in_channels
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            c = w
+        self.body = nn.Sequential(*layers)
+        self.out_features = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.body(x), 1).flatten(1)
+
+
+def _conv_like(old: nn.Conv2d, in_channels: int, small: bool) -> nn.Conv2d:
+    if small:
+        return nn.Conv2d(in_channels, old.out_channels, 3, stride=1, padding=1, bias=False)
+    return nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+
+
+def _torchvision_backbone(name: str, in_channels: int, small: bool) -> tuple[nn.Module, int]:
+    """A torchvision backbone whose forward gives pooled features, and their width."""
+    net = getattr(torchvision.models, name)(weights=None)
+    if name.startswith("resnet"):
+        net.conv1 = _conv_like(net.conv1, in_channels, small)
+        if small:
+            net.maxpool = nn.Identity()
+        width = net.fc.in_features
+        net.fc = nn.Identity()
+    elif name == "densenet121":
+        net.features.conv0 = _conv_like(net.features.conv0, in_channels, small)
+        if small:
+            net.features.pool0 = nn.Identity()
+        width = net.classifier.in_features
+        net.classifier = nn.Identity()
+    elif name == "efficientnet_b0":
+        stem = net.features[0][0]
+        net.features[0][0] = nn.Conv2d(in_channels, stem.out_channels, 3, stride=1 if small else 2, padding=1, bias=False)
+        width = net.classifier[-1].in_features
+        net.classifier = nn.Identity()
+    else:  # pragma: no cover - guarded by MODELS
+        raise NilError(f"unknown model {name!r}")
+    return net, width
+
+
+class NilNet(nn.Module):
+    """Backbone -> pooled features -> (linear classifier, projection head -> L2-normalised z)."""
+
+    def __init__(self, backbone: nn.Module, width: int, num_classes: int, embed_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(width, num_classes)
+        self.projection = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, embed_dim))
+
+    def heads(self, features: torch.Tensor) -> ModelOutput:
+        """Classifier and embedding from pooled features (B, F); used for feature-space distractors."""
+        z = F.normalize(self.projection(features).float(), dim=1)
+        return ModelOutput(self.classifier(features), z, features)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        return self.heads(self.backbone(x))
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 224,
+    embed_dim: int = 128,
+    weights: str | Path | None = None,
+) -> NilNet:
+    """Build model ``name`` (one of :data:`MODELS`), randomly initialised unless ``weights`` is given.
+
+    ``weights`` is a local state dict: either of a whole ``NilNet`` or of the torchvision backbone
+    alone (its ``fc``/``classifier`` entries are ignored). Nothing is downloaded.
+    """
+    if name not in MODELS:
+        raise NilError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    if embed_dim < 1:
+        raise NilError("--embed-dim must be at least 1")
+    small = image_size < SMALL_INPUT
+    if name == "small_cnn":
+        backbone = SmallCNN(in_channels)
+        width = backbone.out_features
+    else:
+        backbone, width = _torchvision_backbone(name, in_channels, small)
+    model = NilNet(backbone, width, num_classes, embed_dim)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model: NilNet, path: str | Path) -> None:
+    """Load a local state dict into ``model`` (whole model, or backbone only); shape mismatches are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise NilError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise NilError(f"cannot read weights file {path}: {exc}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a nil checkpoint
+    own = model.state_dict()
+    target = model if any(k.startswith("backbone.") for k in state) else model.backbone
+    prefix = "" if target is model else "backbone."
+    usable = {k: v for k, v in state.items() if prefix + k in own and own[prefix + k].shape == v.shape}
+    if not usable:
+        raise NilError(f"weights file {path} has no tensor that fits this model")
+    missing = target.load_state_dict(usable, strict=False).missing_keys
+    LOG.info("loaded %d tensors from %s (%d left at random init)", len(usable), path, len(missing))

@@ -1,0 +1,56 @@
+import math
+
+import pytest
+import torch
+
+from nil.losses import DistractorLoss
+
+
+def test_margin_loss_matches_hand_computation():
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    d = torch.tensor([[0.8, 0.6], [0.0, -1.0], [1.0, 0.0]])
+    valid = torch.tensor([True, True, False])
+    # ||z0 - d0|| = sqrt(0.04 + 0.36); ||z1 - d1|| = 2 > margin: zero; sample 2 has no distractor
+    expected = (1.0 - math.sqrt(0.4)) ** 2 / 2
+    loss = DistractorLoss(margin=1.0)(z, d, valid)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_margin_loss_gradient_pushes_away_from_distractor():
+    z = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    d = torch.tensor([[0.9, 0.0]])
+    DistractorLoss(margin=0.5)(z, d, torch.tensor([True])).backward()
+    # L = (0.5 - (z_x - 0.9))^2 -> dL/dz_x = -2 * (0.5 - 0.1) = -0.8: gradient descent raises z_x
+    assert z.grad[0, 0].item() == pytest.approx(-0.8, rel=1e-4)
+    assert z.grad[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_no_valid_distractor_gives_zero_with_graph():
+    z = torch.randn(4, 8, requires_grad=True)
+    loss = DistractorLoss()(z, torch.zeros(4, 8), torch.zeros(4, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.all(z.grad == 0)
+
+
+def test_zero_distance_has_finite_gradient():
+    z = torch.tensor([[0.6, 0.8]], requires_grad=True)
+    DistractorLoss(margin=0.5)(z, z.detach().clone(), torch.tensor([True])).backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_triplet_loss_matches_hand_computation():
+    z = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    pos = torch.tensor([[0.3, 0.4], [1.0, 0.0]])  # distances 0.5 and 1.0
+    neg = torch.tensor([[0.6, 0.8], [0.0, 3.0]])  # distances 1.0 and 3.0
+    valid = torch.tensor([True, True])
+    loss = DistractorLoss(margin=0.7, variant="triplet")(z, neg, valid, pos, torch.tensor([True, True]))
+    # max(0, 0.5 - 1.0 + 0.7) = 0.2 ; max(0, 1.0 - 3.0 + 0.7) = 0
+    assert loss.item() == pytest.approx(0.1, rel=1e-4)
+    only_first = DistractorLoss(margin=0.7, variant="triplet")(z, neg, valid, pos, torch.tensor([True, False]))
+    assert only_first.item() == pytest.approx(0.2, rel=1e-4)
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="variant"):
+        DistractorLoss(variant="cosine")
