@@ -1,0 +1,91 @@
+"""The training configuration: one typed dataclass, filled by the CLI, saved with every run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from nil.errors import NilError
+
+LOSSES = ("ce", "nil")
+ANNS = ("none", "exact", "faiss")
+DISTRACTORS = ("memory", "gradient")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = ""  # path to a .npz, image folder, CSV manifest or zarr store
+    format: str | None = None  # force a reader (medmnist|folder|csv|zarr); None detects
+    csv_path_col: str | None = None  # CSV: column holding image paths
+    csv_label_col: str | None = None  # CSV: column holding the class label
+    csv_label_cols: list[str] | None = None  # CSV: one-hot label columns (ISIC style)
+    image_root: str | None = None  # CSV: folder the image paths are relative to
+    image_suffix: str | None = None  # CSV: suffix appended to extension-less paths
+    val_fraction: float = 0.1  # seeded stratified split, where the data has no splits of its own
+    test_fraction: float = 0.2
+    image_size: int | None = None  # None: the data's own size (224 for image files of mixed size)
+    # model
+    model: str = "resnet18"
+    embed_dim: int = 128  # width of the L2-normalised embedding z
+    weights: str | None = None  # local state dict to start from; nothing is downloaded
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3  # AdamW, cosine decay to 0 over all steps
+    weight_decay: float = 1e-4
+    # distractor-aware loss
+    loss: str = "nil"  # ce: cross-entropy only; nil: CE + lambda * distractor term
+    lam: float = 0.5  # weight lambda of the distractor term
+    margin: float = 0.5  # distance below which a distractor is pushed away
+    variant: str = "margin"  # margin | triplet
+    warmup_epochs: int = 1  # epochs of CE only while the memory fills
+    distractor: str = "memory"  # memory: nearest stored other-class sample; gradient: from the neurons
+    gradient_step: float = 0.5  # --distractor gradient: step along the confusing class's gradient, x ||f||
+    # distractor search
+    ann: str = "exact"  # none: within the batch; exact: torch engine; faiss: FAISS engine
+    ann_index: str = "flat"  # FAISS kind for --ann faiss
+    refresh_every: int = 200  # steps between rebuilds of the approximate structure
+    audit_every: int = 0  # steps between recall@1 audits of --ann faiss against exact (0: never)
+    # run
+    out: str = ""
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    workers: int | None = None  # data loader workers; None: 0 on CPU, 4 on CUDA
+    select_metric: str = "accuracy"  # validation metric that picks best.pt
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Refuse inconsistent options with one clear sentence."""
+        if not self.data:
+            raise NilError("--data is required")
+        if not self.out:
+            raise NilError("--out is required")
+        checks = [
+            (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
+            (self.ann in ANNS, f"--ann must be one of {', '.join(ANNS)}"),
+            (self.distractor in DISTRACTORS, f"--distractor must be one of {', '.join(DISTRACTORS)}"),
+            (self.variant in ("margin", "triplet"), "--variant must be margin or triplet"),
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 2, "--batch-size must be at least 2"),
+            (self.lr > 0, "--lr must be positive"),
+            (self.lam >= 0, "--lambda must be non-negative"),
+            (self.margin > 0, "--margin must be positive"),
+            (self.gradient_step > 0, "--gradient-step must be positive"),
+            (self.warmup_epochs >= 0, "--warmup-epochs must be non-negative"),
+            (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
+             and self.val_fraction + self.test_fraction < 1, "split fractions must lie in [0, 1) and sum below 1"),
+            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device must be auto, cpu or cuda"),
+            (self.select_metric in ("accuracy", "balanced_accuracy", "macro_f1", "auc", "qwk"), "unknown --select-metric"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise NilError(message)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

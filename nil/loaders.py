@@ -1,0 +1,36 @@
+"""Data loaders for training and evaluation, seeded so that a CPU run repeats exactly."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from nil.data import ChunkShuffleSampler, make_transform
+from nil.data.base import SampleSet, TorchSplit
+
+
+def make_loader(samples: SampleSet, *, train: bool, cfg, image_size: int, channels: int,
+                device: torch.device, batch_size: int | None = None) -> DataLoader:
+    """A loader over ``samples`` yielding ``(x (B, C, S, S) float, y (B,) int64, ids (B,) int64)``.
+
+    Training shuffles with a generator seeded from ``cfg.seed``; chunked stores (zarr) are read in a
+    chunk-local shuffled order so a multi-million-patch store streams instead of thrashing.
+    """
+    workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 0)
+    dataset = TorchSplit(samples, make_transform(train, image_size, channels))
+    sampler = None
+    if train:
+        if samples.chunk_size():
+            sampler = ChunkShuffleSampler(samples, seed=cfg.seed)
+        else:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or cfg.batch_size,
+        sampler=sampler,
+        shuffle=False,
+        drop_last=train and len(samples) > (batch_size or cfg.batch_size),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
