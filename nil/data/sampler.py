@@ -35,7 +35,9 @@ class ChunkShuffleSampler(Sampler[int]):
     random order, cut into windows of ``window_chunks`` consecutive chunks, and the samples of
     each window are shuffled together. A DataLoader reading in this order decodes each chunk
     about once while batches still mix ``window_chunks`` chunks. The order depends only on
-    ``seed`` and the epoch set with :meth:`set_epoch`.
+    ``seed`` and the epoch: set it with :meth:`set_epoch`, or let each pass over the sampler
+    move on to the next epoch by itself (so a loader that never calls set_epoch still
+    reshuffles).
     """
 
     def __init__(self, samples: SampleSet, seed: int, window_chunks: int = 4):
@@ -62,4 +64,6 @@ class ChunkShuffleSampler(Sampler[int]):
         return np.lexsort((rng.random(len(window)), window)).astype(np.int64)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order().tolist())
+        order = self.order()
+        self.epoch += 1
+        return iter(order.tolist())
