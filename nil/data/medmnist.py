@@ -77,8 +77,7 @@ def read_medmnist(path: str | Path) -> Dataset:
         images[s] = arrays[f"{s}_images"]
         _check_images(f"{s}_images", images[s], path)
         labels[s] = _check_labels(f"{s}_labels", arrays[f"{s}_labels"], len(images[s]), path)
-    shapes = {images[s].shape[1:] if images[s].ndim == 4 else images[s].shape[1:] + (1,)
-              for s in SPLITS}
+    shapes = {(images[s].shape[1:] + (1,))[:3] for s in SPLITS}  # (H, W, C), C=1 if gray
     if len(shapes) != 1:
         raise NilError(f"{path}: the splits hold images of different shapes {sorted(shapes)}")
     h, w, c = shapes.pop()
