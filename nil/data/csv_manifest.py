@@ -24,7 +24,7 @@ from nil.errors import NilError
 LOG = logging.getLogger(__name__)
 
 PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_id", "id_code", "isic_id")
-LABEL_COLUMNS = ("label", "diagnosis", "class", "target", "grade", "level")
+LABEL_COLUMNS = ("label", "diagnosis", "class", "target", "grade", "level", "dx")  # dx: HAM10000
 TRY_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif")
 
 
