@@ -33,8 +33,8 @@ def _data_options(f):
 
 @main.command()
 @click.option("--out", default="", help="Folder for the data and both runs [default: runs/demo-<time>].")
-@click.option("--n", default=4000, show_default=True, help="Number of synthetic patches.")
-@click.option("--epochs", default=8, show_default=True, help="Epochs per run.")
+@click.option("--n", default=3000, show_default=True, help="Number of synthetic patches.")
+@click.option("--epochs", default=6, show_default=True, help="Epochs per run.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
@@ -80,6 +80,7 @@ def demo(out, n, epochs, seed, device, progress):
 @click.option("--ann-index", default="flat", show_default=True, help="FAISS kind for --ann faiss.")
 @click.option("--refresh-every", default=200, show_default=True, help="Steps between rebuilds of the ANN structure.")
 @click.option("--audit-every", default=0, show_default=True, help="Steps between recall@1 audits against exact (0: off).")
+@click.option("--index-from", default=None, type=click.Path(), help="Start the memory from an index built by `nil index build`.")
 @click.option("--val-fraction", default=0.1, show_default=True, help="Seeded split, for data without its own splits.")
 @click.option("--test-fraction", default=0.2, show_default=True)
 @click.option("--select-metric", default="accuracy", show_default=True,

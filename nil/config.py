@@ -46,6 +46,7 @@ class TrainConfig:
     ann_index: str = "flat"  # FAISS kind for --ann faiss
     refresh_every: int = 200  # steps between rebuilds of the approximate structure
     audit_every: int = 0  # steps between recall@1 audits of --ann faiss against exact (0: never)
+    index_from: str | None = None  # start the memory from an index folder built by `nil index build`
     # run
     out: str = ""
     seed: int = 0
@@ -71,6 +72,7 @@ class TrainConfig:
             (self.lr > 0, "--lr must be positive"),
             (self.lam >= 0, "--lambda must be non-negative"),
             (self.margin > 0, "--margin must be positive"),
+            (self.index_from is None or self.ann != "none", "--index-from needs --ann exact or --ann faiss"),
             (self.gradient_step > 0, "--gradient-step must be positive"),
             (self.warmup_epochs >= 0, "--warmup-epochs must be non-negative"),
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1

@@ -22,11 +22,11 @@ LOG = logging.getLogger(__name__)
 @dataclass
 class DemoConfig:
     out: str = ""  # folder for the data and both runs; "" makes runs/demo-<timestamp>
-    n: int = 4000  # synthetic patches
+    n: int = 3000  # synthetic patches
     size: int = 32  # patch side
     classes: int = 4  # two look-alike pairs
     similarity: float = 0.8  # closeness of look-alike classes (1 = indistinguishable)
-    epochs: int = 8
+    epochs: int = 6
     model: str = "small_cnn"
     seed: int = 0
     device: str = "auto"

@@ -48,12 +48,13 @@ class DistractorMiner:
         refresh_every: int = 200,
         need_positive: bool = False,
         audit_every: int = 0,
+        index=None,
     ):
         self.ann, self.need_positive, self.audit_every = ann, need_positive, audit_every
-        self.index = None
-        if ann == "exact":
+        self.index = index  # a prebuilt index (e.g. `nil train --index-from`), else made here
+        if index is None and ann == "exact":
             self.index = faiss_index.ExactIndex(dim, num_classes, device=device)
-        elif ann == "faiss":
+        elif index is None and ann == "faiss":
             self.index = faiss_index.make_index(kind, dim, num_classes, device=device, refresh_every=refresh_every)
         self.steps = 0
         self.timings = {"mining_ms": 0.0, "upsert_ms": 0.0, "refresh_s": 0.0, "audits": 0, "audit_hits": 0}

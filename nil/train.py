@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import faiss_index
 from nil.checkpoint import save_json, save_torch
 from nil.config import TrainConfig
 from nil.data import CsvOptions, open_dataset
@@ -141,7 +142,7 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
     if use_nil and cfg.distractor == "memory":
         miner = DistractorMiner(cfg.ann, ds.num_classes, cfg.embed_dim, device, kind=cfg.ann_index,
                                 refresh_every=cfg.refresh_every, need_positive=cfg.variant == "triplet",
-                                audit_every=cfg.audit_every)
+                                audit_every=cfg.audit_every, index=_start_index(cfg, ds, device))
 
     best_score, best_epoch, history = -float("inf"), -1, []
     for epoch in range(cfg.epochs):
@@ -177,6 +178,17 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
               "train_s": sum(h["epoch_s"] for h in history)}
     save_json(result, out / "metrics.json")
     return result
+
+
+def _start_index(cfg: TrainConfig, ds: Dataset, device: torch.device):
+    """The index given by ``--index-from``, checked against this run, or None."""
+    if not cfg.index_from:
+        return None
+    index, _ = faiss_index.load_index(cfg.index_from, device=str(device))
+    if index.dim != cfg.embed_dim or index.num_classes != ds.num_classes:
+        raise NilError(f"index {cfg.index_from} holds {index.dim}-d vectors of {index.num_classes} classes; "
+                       f"this run has --embed-dim {cfg.embed_dim} and {ds.num_classes} classes")
+    return index
 
 
 def _labels_probs(p) -> tuple[np.ndarray, np.ndarray]:
@@ -215,6 +227,6 @@ def _train_epoch(model, loader, optimizer, scheduler, criterion, miner, cfg: Tra
         if miner is not None:
             miner.update(z.detach(), y, sid)
         correct = float((out.logits.argmax(1) == y).sum())
-        stats.add(len(y), float(loss), float(ce), float(dist), with_d, correct)
+        stats.add(len(y), loss.item(), ce.item(), dist.item(), with_d, correct)
         bar.set_postfix(loss=f"{stats.loss / stats.seen:.3f}")
     return stats

@@ -1,0 +1,103 @@
+"""``nil index``: build, query and inspect distractor indexes."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from cli.main import main
+
+
+@main.group()
+def index():
+    """Build, query and inspect distractor indexes (nearest other-class search)."""
+
+
+@index.command("build")
+@click.option("--out", required=True, type=click.Path(), help="Index folder to write (replaced atomically).")
+@click.option("--checkpoint", default=None, type=click.Path(), help="Model whose embeddings are indexed.")
+@click.option("--data", default=None, type=click.Path(), help="Data to embed [default: the checkpoint's training data].")
+@click.option("--format", "fmt", default=None, type=click.Choice(["medmnist", "folder", "csv", "zarr"]))
+@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--embeddings", default=None, type=click.Path(),
+              help="Index precomputed embeddings instead: a zarr group with vectors, labels, ids (and keys).")
+@click.option("--index", "kind", default="flat", show_default=True,
+              help="Index kind: exact, flat, ivf, ivfpq, hnsw, cagra.")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Override an index parameter (nlist, nprobe, m, nbits, efSearch); repeatable.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--progress/--no-progress", default=True)
+def index_build(out, checkpoint, data, fmt, split, embeddings, kind, params, batch_size, device, progress):
+    """Embed a dataset with a checkpoint (or read embeddings) and write an index folder."""
+    from nil.indexing import build_index
+
+    stats = build_index(out, checkpoint=checkpoint, data=data, embeddings=embeddings, kind=kind, split=split,
+                        fmt=fmt, batch_size=batch_size, device=device, progress=progress,
+                        params=_parse_params(params))
+    click.echo(f"indexed {stats['count']} vectors of dimension {stats['dim']} ({stats['kind']}) into {out}")
+
+
+def _parse_params(pairs: tuple[str, ...]) -> dict:
+    params = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--param")
+        try:
+            params[name] = int(value)
+        except ValueError:
+            try:
+                params[name] = float(value)
+            except ValueError:
+                params[name] = value
+    return params
+
+
+@index.command("query")
+@click.option("--index", "index_dir", required=True, type=click.Path(), help="Index folder.")
+@click.option("--k", default=5, show_default=True, help="Neighbours per query.")
+@click.option("--ids", default=None, help="Comma-separated sample ids stored in the index, e.g. 3,17.")
+@click.option("--image", default=None, type=click.Path(), help="An image file to embed and query with.")
+@click.option("--label", default=None, type=int, help="--image: its class [default: the model's prediction].")
+@click.option("--checkpoint", default=None, type=click.Path(), help="--image: model [default: the index's].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def index_query(index_dir, k, ids, image, label, checkpoint, device, as_json):
+    """Print each query's nearest neighbours of another class: id, label, distance, key."""
+    from nil.indexing import query_index
+
+    id_list = None
+    if ids is not None:
+        try:
+            id_list = [int(s) for s in ids.split(",") if s.strip()]
+        except ValueError:
+            raise click.BadParameter("ids must be comma-separated integers", param_hint="--ids") from None
+    result = query_index(index_dir, k, ids=id_list, image=image, label=label, checkpoint=checkpoint, device=device)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for r in result["results"]:
+        click.echo(f"query {r['query_id'] if r['query_id'] is not None else image} (label {r['query_label']}):")
+        if not r["neighbors"]:
+            click.echo("  no sample of another class in the index")
+        for n in r["neighbors"]:
+            click.echo(f"  id {n['id']:>8}  label {n['label']:>3}  distance {n['distance']:.4f}  {n['key']}")
+
+
+@index.command("stats")
+@click.argument("index_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def index_stats(index_dir, as_json):
+    """Counts per class, kind, parameters and memory footprint of an index folder."""
+    import faiss_index
+
+    stats = faiss_index.index_stats(index_dir)
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    click.echo(f"kind   {stats['kind']}  params {json.dumps(stats['params'])}")
+    click.echo(f"count  {stats['count']}  dim {stats['dim']}  bytes {stats['bytes']}")
+    for c, n in enumerate(stats["counts"]):
+        click.echo(f"  class {c}: {n}")
