@@ -1,0 +1,106 @@
+"""Measuring: wall-clock timings that wait for the GPU, resident-memory high-water marks, load."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+LOG = logging.getLogger(__name__)
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued GPU work, so a timing covers the work and not just its launch."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_ms(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[float, object]:
+    """``(milliseconds, fn())`` for one call, GPU work included."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3, out
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (other jobs on a shared machine slow every figure)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
+def available_memory_gb() -> float | None:
+    """MemAvailable of /proc/meminfo in GiB, or None off Linux."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:  # pragma: no cover
+        pass
+    return None
+
+
+class PeakMemory:
+    """High-water mark of resident memory over a block, in MB (RSS; GPU memory on a CUDA device).
+
+    On Linux the kernel's high-water mark is reset at the start (``/proc/self/clear_refs``), so each
+    block gets its own peak; where that is not allowed the figure is the process's peak so far and
+    ``scope`` says so. On CUDA the figure is torch's peak allocation (FAISS's own GPU allocations are
+    not seen by torch).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.scope = "block"
+        self.peak_mb: float | None = None
+        self.start_mb: float | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_mb = torch.cuda.memory_allocated(self.device) / 2**20
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            self.scope = "process"
+        self.start_mb = _rss_mb("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.peak_mb = _rss_mb("VmHWM")
+            if self.peak_mb is None:  # no /proc: ru_maxrss is in kB on Linux
+                self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                self.scope = "process"
+
+
+def _rss_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover
+        pass
+    return None
+
+
+def current_rss_mb() -> float | None:
+    return _rss_mb("VmRSS")
