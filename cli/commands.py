@@ -147,3 +147,21 @@ def data_synth(out, n, size, classes, similarity, seed):
 
     path = write_synthetic(out, n=n, size=size, classes=classes, seed=seed, similarity=similarity, progress=True)
     click.echo(f"wrote {n} patches of {size}x{size} in {classes} classes to {path}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--gallery", default=8, show_default=True, help="Test images in the distractor gallery.")
+@click.option("--k", default=4, show_default=True, help="Distractors shown per test image.")
+@click.option("--device", default="auto", show_default=True)
+def report(run_dir, gallery, k, device):
+    """Write RUN_DIR/report/index.html: curves, confusion matrix, distractor gallery, suspect labels.
+
+    The page is self-contained (pictures inlined) and opens offline; suspects.csv lists training
+    samples whose nearest neighbours are mostly of one other class.
+    """
+    from nil.report import build_report
+    from nil.train import resolve_device
+
+    path = build_report(run_dir, n_gallery=gallery, k=k, device=str(resolve_device(device)))
+    click.echo(f"report: {path}")
