@@ -41,6 +41,16 @@ def load_average() -> list[float] | None:
         return None
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOMP_SPINCOUNT")
+
+
+def thread_env() -> dict[str, str]:
+    """Threading variables set for this process. On a loaded machine OpenMP's default busy-waiting
+    can make small parallel kernels many times slower (a spinning thread waits for a descheduled
+    one); OMP_WAIT_POLICY=PASSIVE avoids that, so it is recorded with every figure."""
+    return {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
+
+
 def available_memory_gb() -> float | None:
     """MemAvailable of /proc/meminfo in GiB, or None off Linux."""
     try:

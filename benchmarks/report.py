@@ -1,0 +1,341 @@
+"""Benchmark results as files: JSON, markdown tables with the goals they are held against, a plot.
+
+Every result file records the command and the machine (and its load) that made it. Files are
+written to temporary names and renamed at the end, so a failed run leaves no half-written result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+LOG = logging.getLogger(__name__)
+
+MINING_RECALL_GOAL = 0.95  # recall@1 the default approximate configuration must reach at N = 1M
+MINING_SPEEDUP_GOAL = 10.0  # ... at no more than 1/10 of exact-torch's ms per batch
+PEER_SPEEDUP_GOAL = 50.0  # at N = 100k, at least 50x faster per batch than CrossBatchMemory + BatchHardMiner
+TRAIN_SHARE_GOAL = 0.15  # mining + upsert under 15% of a training step at 1M memory
+GOAL_N, PEER_GOAL_N, TRAIN_GOAL_MEMORY = 1_000_000, 100_000, 1_000_000
+
+
+# -- generic helpers -------------------------------------------------------------------------------
+
+
+def fmt(v, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        if digits == 3 or abs(v) < 1:
+            return f"{v:.3f}"
+        return f"{v:,.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine_lines(result: dict) -> list[str]:
+    m = result["machine"]
+    gpu = m.get("gpu")
+    gpu_text = f"{gpu['name']} ({gpu['memory_gb']} GiB) x{gpu['count']}" if gpu else "none"
+    return [
+        f"- machine: {m.get('cpu')}, {m.get('cores')} cores ({m.get('torch_threads')} torch threads), "
+        f"{m.get('memory_gb')} GiB RAM, GPU: {gpu_text}",
+        f"- software: Python {m.get('python')}, torch {m.get('torch')}, faiss {m.get('faiss')}, {m.get('platform')}",
+        f"- load average (1/5/15 min) at start {result.get('load_avg_start')}, at end {result.get('load_avg_end')}"
+        " (the machine is shared: other jobs slow every figure)",
+        f"- threading environment: {result.get('thread_env') or 'defaults'}",
+    ]
+
+
+def _params_text(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items()) if params else ""
+
+
+def write_files(contents: dict[Path, bytes | str]) -> None:
+    """Write all files or none: each to a temporary name first, renamed once all are written."""
+    temps = {}
+    try:
+        for path, data in contents.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            if isinstance(data, str):
+                tmp.write_text(data)
+            else:
+                tmp.write_bytes(data)
+            temps[path] = tmp
+        for path, tmp in temps.items():
+            tmp.replace(path)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(result, indent=1, default=_json_default) + "\n"
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# -- mining ----------------------------------------------------------------------------------------
+
+
+def _measured(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "skipped" not in r and "error" not in r and r.get("ms_per_batch") is not None]
+
+
+def _find(rows: list[dict], method: str, n: int, default: bool = True) -> dict | None:
+    for r in _measured(rows):
+        if r["method"] == method and r["n"] == n and r.get("default", True) == default:
+            return r
+    return None
+
+
+def default_approximate_rows(result: dict, n: int) -> list[dict]:
+    """Rows of each approximate kind's default configuration at N = n, fastest first."""
+    rows = [r for r in _measured(result["rows"]) if r["n"] == n and not r.get("exact") and r.get("default")]
+    return sorted(rows, key=lambda r: r["ms_per_batch"])
+
+
+def mining_goals(result: dict) -> list[dict]:
+    """Each goal with ``met`` (True, False, or None where its figures were not measured) and the figures."""
+    rows = result["rows"]
+    default_kind = result.get("default_approximate")
+    goals = []
+
+    exact = _find(rows, "exact-torch", GOAL_N)
+    approx = default_approximate_rows(result, GOAL_N)
+    name = (f"At N = {GOAL_N:,}, d = 128, batch 256, the default approximate configuration has recall@1 >= "
+            f"{MINING_RECALL_GOAL} at <= 1/{MINING_SPEEDUP_GOAL:.0f} of exact-torch's ms per batch")
+    if exact is None or not approx:
+        goals.append({"goal": name, "met": None, "detail": f"not measured (needs exact-torch and an approximate "
+                      f"kind at N = {GOAL_N:,})"})
+    else:
+        parts, met_by = [], []
+        for r in approx:
+            speedup = exact["ms_per_batch"] / r["ms_per_batch"]
+            ok = r["recall_at_1"] >= MINING_RECALL_GOAL and speedup >= MINING_SPEEDUP_GOAL
+            if ok:
+                met_by.append(r["method"])
+            parts.append(f"{r['method']} ({_params_text(r['params'])}): recall@1 {r['recall_at_1']:.3f}, "
+                         f"{r['ms_per_batch']:.1f} ms vs exact-torch {exact['ms_per_batch']:.1f} ms = "
+                         f"{speedup:.1f}x -> {'met' if ok else 'not met'}")
+        met = (default_kind in met_by) if default_kind else bool(met_by)
+        goals.append({"goal": name, "met": met, "default_kind": default_kind, "detail": "; ".join(parts),
+                      "met_by": met_by})
+
+    peer = _find(rows, "pml-xbm-batchhard", PEER_GOAL_N)
+    approx = default_approximate_rows(result, PEER_GOAL_N)
+    name = (f"At N = {PEER_GOAL_N:,}, the default approximate configuration is at least {PEER_SPEEDUP_GOAL:.0f}x "
+            "faster per batch than CrossBatchMemory + BatchHardMiner")
+    if peer is None or not approx:
+        goals.append({"goal": name, "met": None, "detail": f"not measured (needs the peer and an approximate kind "
+                      f"at N = {PEER_GOAL_N:,})"})
+    else:
+        parts, met_by = [], []
+        for r in approx:
+            speedup = peer["ms_per_batch"] / r["ms_per_batch"]
+            ok = speedup >= PEER_SPEEDUP_GOAL
+            if ok:
+                met_by.append(r["method"])
+            parts.append(f"{r['method']}: {r['ms_per_batch']:.1f} ms (recall@1 {r['recall_at_1']:.3f}) vs peer "
+                         f"{peer['ms_per_batch']:.1f} ms = {speedup:.1f}x -> {'met' if ok else 'not met'}")
+        met = (default_kind in met_by) if default_kind else bool(met_by)
+        goals.append({"goal": name, "met": met, "default_kind": default_kind, "detail": "; ".join(parts),
+                      "met_by": met_by})
+    return goals
+
+
+def _verdict(met) -> str:
+    return "**met**" if met is True else "**not met**" if met is False else "**not measured**"
+
+
+def mining_markdown(result: dict) -> str:
+    out = ["# Distractor mining: nearest other-class neighbour search", "",
+           f"Command: `{result['command']}`", ""]
+    out += machine_lines(result)
+    d = result["data"]
+    out += [f"- device: {result['device']}; elapsed {result.get('elapsed_s')} s", "",
+            f"Data: {d['dim']}-d L2-normalised clustered synthetic vectors, {d['classes']} classes x "
+            f"{d['clusters_per_class']} tight clusters, {d['classes_per_site']} classes per look-alike site "
+            f"(seed {d['seed']}); queries are rows of the data searched with their own ids. recall@1 is against "
+            "the reference `knn_other_class` (a tie in distance counts as a hit); ms per batch is the median "
+            f"over {result['settings']['batches']} batches after {result['settings']['warmup']} warm-up batches; "
+            "upsert ms is one batch's update of existing ids with moved vectors (median); peak MB is the "
+            "resident-memory high-water mark while the method was built and searched (it includes the "
+            "benchmark's own copy of the vectors); index MB is the method's own footprint.", ""]
+    headers = ["method", "params", "recall@1", "ms/batch", "queries/s", "build s", "upsert ms", "refresh s",
+               "peak MB", "index MB", "note"]
+    for n in sorted({r["n"] for r in result["rows"]}):
+        out += [f"## N = {n:,}", ""]
+        table = []
+        for r in (r for r in result["rows"] if r["n"] == n):
+            note = r.get("skipped") or r.get("error") or ("default" if r.get("default") and not r.get("exact")
+                                                         else "")
+            if r.get("error"):
+                note = "error: " + note
+            table.append([r["method"], _params_text(r["params"]), fmt(r["recall_at_1"], 3), fmt(r["ms_per_batch"]),
+                          fmt(r["queries_per_s"], 0), fmt(r["build_s"], 2), fmt(r["upsert_ms"], 2),
+                          fmt(r.get("refresh_s"), 2), fmt(r["peak_mem_mb"], 0), fmt(r.get("index_mb"), 1), note])
+        out += [markdown_table(headers, table), ""]
+    out += ["## Goals", ""]
+    if result.get("default_approximate"):
+        out += [f"The engine's default approximate kind is `{result['default_approximate']}`; a goal is met when "
+                "that kind's default configuration meets it.", ""]
+    for g in result.get("goals", []):
+        out += [f"- {g['goal']}: {_verdict(g['met'])}. {g['detail']}."]
+    out += ["- Mining plus upsert under 15% of a training step at 1M memory: see `train.md`.", ""]
+    return "\n".join(out)
+
+
+def _plot_n(result: dict) -> int | None:
+    """The N of the first panel: the largest with a measured exact-torch row, else the largest measured."""
+    measured = _measured(result["rows"])
+    exact = [r["n"] for r in measured if r["method"] == "exact-torch"]
+    ns = exact or [r["n"] for r in measured]
+    return max(ns) if ns else None
+
+
+def _knob_value(row: dict) -> float:
+    """Where a row sits along its method's knob: its override, else the default's own value."""
+    from benchmarks.mining import KNOBS
+
+    knob = KNOBS.get(row["method"])
+    value = (row.get("overrides") or {}).get(knob, row["params"].get(knob) if knob else None)
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+def mining_plot_png(result: dict) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _measured(result["rows"])
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    n_plot = _plot_n(result)
+    for m in methods:
+        # one curve per method along its knob (nprobe, efSearch): the default has no override
+        pts = sorted((r for r in rows if r["method"] == m and r["n"] == n_plot), key=_knob_value)
+        if pts:
+            left.plot([r["ms_per_batch"] for r in pts], [r["recall_at_1"] for r in pts], "-o", color=colours[m],
+                      label=m, markersize=4)
+            for r in pts:
+                if r.get("default"):
+                    left.plot(r["ms_per_batch"], r["recall_at_1"], "o", color=colours[m], markersize=9,
+                              markerfacecolor="none")
+                if r.get("overrides"):
+                    left.annotate(_params_text(r["overrides"]), (r["ms_per_batch"], r["recall_at_1"]), fontsize=7,
+                                  textcoords="offset points", xytext=(4, -10))
+        line = sorted((r for r in rows if r["method"] == m and r.get("default", True)), key=lambda r: r["n"])
+        if line:
+            right.plot([r["n"] for r in line], [r["ms_per_batch"] for r in line], "-o", color=colours[m], label=m)
+    left.set_xscale("log")
+    left.axhline(MINING_RECALL_GOAL, color="grey", linestyle=":", linewidth=1)
+    left.set_xlabel("ms per batch (log)")
+    left.set_ylabel("recall@1 of the nearest other-class neighbour")
+    left.set_title(f"Recall vs speed at N = {n_plot:,} (circled: default)" if n_plot else "no measured rows")
+    left.legend(fontsize=8)
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("N stored vectors (log)")
+    right.set_ylabel("ms per batch (log)")
+    right.set_title(f"Search time per batch of {result['settings']['batch']} (default configurations)")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"{result['machine'].get('cpu')}, {result['machine'].get('cores')} cores, device {result['device']}",
+                 fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_mining_outputs(result: dict, out: Path) -> None:
+    write_files({out: to_json(result), out.with_suffix(".md"): mining_markdown(result),
+                 out.with_suffix(".png"): mining_plot_png(result)})
+    LOG.info("wrote %s, %s and %s", out, out.with_suffix(".md"), out.with_suffix(".png"))
+
+
+# -- training step -----------------------------------------------------------------------------------
+
+
+def train_goals(result: dict) -> list[dict]:
+    name = (f"Mining plus upsert take under {TRAIN_SHARE_GOAL:.0%} of a training step at "
+            f"{TRAIN_GOAL_MEMORY:,} memory")
+    rows = [r for r in result["rows"] if r["memory"] == TRAIN_GOAL_MEMORY and r["ann"] != "none"
+            and "skipped" not in r and "error" not in r]
+    if not rows:
+        return [{"goal": name, "met": None, "detail": f"not measured (no row at memory {TRAIN_GOAL_MEMORY:,})"}]
+    parts, met_by = [], []
+    for r in rows:
+        ok = r["share"] < TRAIN_SHARE_GOAL
+        label = r["ann"] + (f" ({r['ann_index']})" if r.get("ann_index") else "")
+        if ok:
+            met_by.append(label)
+        amortised = (f"; with the periodic refresh amortised {r['share_with_refresh']:.1%}"
+                     if r.get("share_with_refresh") is not None else "")
+        parts.append(f"{label}: mining {r['mining_ms']:.1f} + upsert {r['upsert_ms']:.1f} ms of a "
+                     f"{r['ms_per_step']:.1f} ms step = {r['share']:.1%}{amortised} -> {'met' if ok else 'not met'}")
+    faiss_rows = [r for r in rows if r["ann"] == "faiss"]
+    met = any(r["share"] < TRAIN_SHARE_GOAL for r in faiss_rows) if faiss_rows else bool(met_by)
+    return [{"goal": name, "met": met, "detail": "; ".join(parts), "met_by": met_by}]
+
+
+def train_markdown(result: dict) -> str:
+    out = ["# Training step: where the time goes", "", f"Command: `{result['command']}`", ""]
+    out += machine_lines(result)
+    s = result["settings"]
+    out += [f"- device: {result['device']}; elapsed {result.get('elapsed_s')} s", "",
+            f"The real trainer's step (`nil.train._train_epoch`: {s['model']} forward and backward, "
+            f"`DistractorMiner.mine`, the distractor loss, the optimiser step, `DistractorMiner.update`) on batches of "
+            f"{s['batch']} {s['image_size']}x{s['image_size']} patches from a synthetic zarr store "
+            f"(`nil.data.synth.write_synthetic`, {s['classes']} classes), loaded before timing so data loading is "
+            f"not in the figures. {result['prefill']}", "",
+            f"Figures are medians over {s['steps']} steps after {s['warmup']} warm-up steps; share = (mining + "
+            "upsert) / step. The FAISS kinds also rebuild their approximate structure every `refresh_every` "
+            "steps: refresh s is one such rebuild, measured after the timed steps, and the last column adds "
+            "it amortised over `refresh_every` steps.", ""]
+    headers = ["memory", "ann", "index", "ms/step", "mining ms", "upsert ms", "share", "refresh s", "refresh every",
+               "share + refresh", "note"]
+    table = []
+    for r in result["rows"]:
+        table.append([fmt(r["memory"]), r["ann"], r.get("ann_index") or "", fmt(r.get("ms_per_step")),
+                      fmt(r.get("mining_ms"), 2), fmt(r.get("upsert_ms"), 2),
+                      f"{r['share']:.1%}" if r.get("share") is not None else "-", fmt(r.get("refresh_s"), 2),
+                      fmt(r.get("refresh_every")),
+                      f"{r['share_with_refresh']:.1%}" if r.get("share_with_refresh") is not None else "-",
+                      r.get("skipped") or (("error: " + r["error"]) if r.get("error") else "")])
+    out += [markdown_table(headers, table), "", "## Goals", ""]
+    for g in result.get("goals", []):
+        out.append(f"- {g['goal']}: {_verdict(g['met'])}. {g['detail']}.")
+    out.append("")
+    return "\n".join(out)
+
+
+def write_train_outputs(result: dict, out: Path) -> None:
+    write_files({out: to_json(result), out.with_suffix(".md"): train_markdown(result)})
+    LOG.info("wrote %s and %s", out, out.with_suffix(".md"))
