@@ -1,0 +1,147 @@
+"""The benchmarks run end to end at a tiny size and write well-formed results (timings are not tested)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import main
+
+MINING_KEYS = {"method", "n", "dim", "batch", "classes", "params", "recall_at_1", "ms_per_batch", "queries_per_s",
+               "build_s", "upsert_ms", "peak_mem_mb"}
+TRAIN_KEYS = {"memory", "ann", "ann_index", "ms_per_step", "mining_ms", "upsert_ms", "share"}
+
+
+def _table_rows(md: str) -> list[list[str]]:
+    """Body rows of the markdown tables: cells of lines starting with '|' that are not header or rule."""
+    rows = []
+    for line in md.splitlines():
+        if line.startswith("| ") and not line.startswith("| method") and not line.startswith("| memory"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def mining(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "mining.json"
+    result = CliRunner().invoke(main, ["bench", "mining", "--n", "2000", "--dim", "16", "--batch", "64",
+                                       "--batches", "2", "--warmup", "1", "--no-sweep", "--out", str(out),
+                                       "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(out.read_text()), result.output
+
+
+def test_mining_writes_every_method_with_all_figures(mining):
+    out, res, _ = mining
+    assert res["command"].startswith("nil bench mining --n 2000 --dim 16")
+    assert {"cpu", "cores", "torch"} <= set(res["machine"])
+    methods = {r["method"] for r in res["rows"]}
+    assert {"exact-torch", "exact-faiss-flat", "pml-xbm-batchhard"} <= methods
+    assert methods - {"exact-torch", "exact-faiss-flat", "pml-xbm-batchhard"}, "no approximate kind was run"
+    for r in res["rows"]:
+        assert MINING_KEYS <= set(r), r
+        assert "error" not in r, r
+        if "skipped" in r:
+            continue
+        assert (r["n"], r["dim"], r["batch"], r["classes"]) == (2000, 16, 64, 9)
+        assert 0.0 <= r["recall_at_1"] <= 1.0
+        assert r["ms_per_batch"] > 0 and r["queries_per_s"] == pytest.approx(64 / (r["ms_per_batch"] / 1e3))
+        assert r["build_s"] >= 0 and r["upsert_ms"] > 0 and r["peak_mem_mb"] > 0
+
+
+def test_exact_methods_and_the_peer_find_the_true_distractor(mining):
+    _, res, _ = mining
+    by_method = {r["method"]: r for r in res["rows"] if "skipped" not in r}
+    assert by_method["exact-torch"]["recall_at_1"] == 1.0
+    assert by_method["exact-faiss-flat"]["recall_at_1"] == 1.0
+    pytest.importorskip("pytorch_metric_learning")
+    assert by_method["pml-xbm-batchhard"]["recall_at_1"] == 1.0
+
+
+def test_mining_markdown_and_plot(mining):
+    out, res, printed = mining
+    md = out.with_suffix(".md").read_text()
+    assert md == printed.split("wrote ")[0].rstrip("\n") + "\n" or md.strip() in printed
+    assert res["command"] in md and "## Goals" in md
+    rows = _table_rows(md)
+    assert [r[0] for r in rows] == [r["method"] for r in res["rows"]]
+    exact = next(r for r in rows if r[0] == "exact-torch")
+    assert exact[2] == "1.000"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out.with_suffix(".png"))
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
+    assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_recall_counts_hits_and_ties_only():
+    from benchmarks.mining import _Data, recall_at_1
+
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    data = _Data(x=x, y=torch.tensor([0, 1, 1, 1]), ids=torch.arange(4), qrows=torch.tensor([[0]]))
+    data.truth = torch.tensor([[1]])
+    data.truth_d = torch.tensor([[1.0]])
+    assert recall_at_1(data, torch.tensor([[1]])) == 1.0
+    assert recall_at_1(data, torch.tensor([[2]])) == 1.0  # also at distance 1: a tie
+    x[2] = torch.tensor([0.0, 2.0])
+    assert recall_at_1(data, torch.tensor([[2]])) == 0.0
+    assert recall_at_1(data, torch.tensor([[-1]])) == 0.0
+
+
+def test_vectors_are_seeded_prefixes_and_the_distractor_case():
+    from benchmarks.vectors import ClusteredSpec, clustered_vectors
+
+    spec = ClusteredSpec(dim=32, classes=4, seed=3)
+    x, y = clustered_vectors(3000, spec)
+    x2, y2 = clustered_vectors(1000, spec)
+    assert x.dtype == np.float32 and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    assert np.array_equal(x[:1000], x2) and np.array_equal(y[:1000], y2)
+    assert set(np.unique(y)) == {0, 1, 2, 3}
+    d = np.linalg.norm(x[:200, None] - x[None], axis=2)
+    d[np.arange(200), np.arange(200)] = np.inf
+    other = np.where(y[:200, None] != y[None], d, np.inf).min(1)
+    # the nearest other-class sample is much closer than a typical pair: a real distractor
+    assert np.median(other) < 0.6 * np.median(d[np.isfinite(d)])
+    assert not np.array_equal(clustered_vectors(100, ClusteredSpec(dim=32, classes=4, seed=4))[0], x[:100])
+
+
+def test_train_bench_times_each_ann(tmp_path):
+    out = tmp_path / "train.json"
+    result = CliRunner().invoke(main, ["bench", "train", "--memory", "500", "--steps", "2", "--warmup", "1",
+                                       "--batch", "32", "--faiss-index", "flat", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    res = json.loads(out.read_text())
+    assert [(r["ann"], r["memory"]) for r in res["rows"]] == [("none", None), ("exact", 500), ("faiss", 500)]
+    for r in res["rows"]:
+        assert TRAIN_KEYS <= set(r) and "error" not in r, r
+        assert r["ms_per_step"] > 0 and 0 <= r["share"] < 1
+        assert r["mining_ms"] > 0
+    exact = res["rows"][1]
+    assert exact["memory_count"] == 500 and exact["distractor_rate"] == 1.0 and exact["upsert_ms"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert res["command"] in md and "prefilled" in md
+    assert [r[1] for r in _table_rows(md)] == ["none", "exact", "faiss"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["mining", "--n", "1"], "--n"),
+    (["mining", "--n", "100", "--batch", "256"], "--batch"),
+    (["mining", "--n", "abc"], "--n"),
+    (["train", "--ann", "magic"], "--ann"),
+])
+def test_bad_options_are_one_clear_sentence_and_write_nothing(tmp_path, args, fragment):
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["bench", *args, "--out", str(out), "--no-progress"])
+    assert result.exit_code in (1, 2), result.output
+    assert "Traceback" not in result.output and fragment in result.output
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("cmd", [["bench"], ["bench", "mining"], ["bench", "train"]])
+def test_bench_commands_explain_themselves(cmd):
+    result = CliRunner().invoke(main, cmd + ["--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
