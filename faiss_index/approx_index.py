@@ -1,0 +1,187 @@
+"""FaissIndex: a streaming approximate index = store + rebuilt faiss structure + exact delta.
+
+Every ``upsert`` writes the store and marks the written rows dirty: their entries in the faiss
+structure (built at the last refresh) are stale, so they are skipped there, and the rows are
+searched exactly (:func:`knn_other_class`) in a small delta buffer instead. Candidates from both
+are re-ranked with the freshest stored vectors, so a stale structure costs recall, never
+correctness. Every ``refresh_every`` upserts (or on :meth:`refresh` / :meth:`build`) the
+structure is rebuilt from the store and the delta emptied.
+
+The structure never changes between refreshes, which sidesteps what GPU faiss indexes cannot do
+(no ``remove_ids``, no ``add_with_ids`` on GpuIndexFlat): faiss ids are store rows (or positions
+mapped to rows) and every build starts from scratch.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from .base import BaseIndex
+from .errors import FaissUnavailableError, IndexInputError
+from .exact import knn_other_class
+from .kinds import FAISS_KINDS, KINDS, MAX_SHARDED_CLASSES, IndexParams
+from .rerank import rerank
+from ._faiss import has_cuvs, import_faiss
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["FaissIndex"]
+
+
+class FaissIndex(BaseIndex):
+    """Approximate other-class / same-class search with faiss, exact on what changed since the last build.
+
+    Args:
+        dim: vector dimension D.
+        num_classes: labels are 0..num_classes-1.
+        kind: "flat", "ivf", "ivfpq", "hnsw" (CPU only) or "cagra" (CUDA with cuVS).
+        device: "cpu" or "cuda[:N]"; "cuda" without an index spreads class shards over all GPUs.
+        refresh_every: rebuild the structure after this many upsert calls (0 = only on request).
+        **params: see :class:`IndexParams` (nlist, nprobe, m, nbits, rerank, efSearch, strategy, ...).
+    """
+
+    def __init__(self, dim: int, num_classes: int, kind: str = "ivf", device: str | torch.device = "cpu",
+                 refresh_every: int = 200, **params: Any):
+        if kind not in FAISS_KINDS:
+            raise IndexInputError(f"unknown faiss kind {kind!r}; kinds are {', '.join(KINDS)}.")
+        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 0:
+            raise IndexInputError(f"refresh_every must be a non-negative integer, got {refresh_every!r}.")
+        raw_device = str(device)
+        super().__init__(dim, num_classes, device)
+        self.kind = kind
+        p = IndexParams.from_kwargs(kind, **params)
+        faiss = import_faiss(self.device)
+        on_gpu = self.device.type == "cuda"
+        if kind == "hnsw" and on_gpu:
+            raise IndexInputError("kind 'hnsw' runs on CPU only in faiss; use 'cagra', 'ivf' or 'exact' on CUDA.")
+        if kind == "cagra" and not on_gpu:
+            raise IndexInputError("kind 'cagra' needs device 'cuda'; on CPU use 'hnsw' or 'ivfpq'.")
+        if kind == "cagra" and not has_cuvs(faiss):
+            raise FaissUnavailableError(
+                "kind 'cagra' needs a faiss GPU build with cuVS; install one (pip install \"nil[gpu]\") "
+                "or use kind 'ivf' or 'exact'.")
+        self.refresh_every = refresh_every
+        strategy = p.strategy
+        if strategy == "auto":
+            strategy = "sharded" if num_classes <= MAX_SHARDED_CLASSES else "global"
+        self.strategy = strategy
+        gpus = None
+        if on_gpu:
+            from .gpu import GpuContext
+            spread = p.multi_gpu and raw_device == "cuda"
+            gpus = GpuContext(faiss, self.device, spread)
+        args = (faiss, kind, dim, num_classes, self.device, p)
+        if strategy == "global":
+            from .filtered import GlobalFiltered
+            self.engine = GlobalFiltered(*args, gpus=gpus)
+        elif not on_gpu and kind in ("ivf", "ivfpq"):
+            from .partitioned import PartitionedIVF
+            self.engine = PartitionedIVF(*args)
+        else:
+            from .sharded import ClassShards
+            self.engine = ClassShards(*args, gpus=gpus)
+        self._user_params = p
+        self._dirty = torch.zeros(self.store.capacity, dtype=torch.bool, device=self.device)
+        self._delta = torch.empty(1024, dtype=torch.int64, device=self.device)
+        self._n_delta = 0
+        self._steps = 0
+        self.last_refresh_s: float | None = None
+        self._update_params()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _update_params(self) -> None:
+        self.params = {"strategy": self.strategy, "refresh_every": self.refresh_every,
+                       **self.engine.resolved}
+
+    @property
+    def delta_size(self) -> int:
+        """Rows changed since the last build, searched exactly."""
+        return self._n_delta
+
+    def _delta_rows(self) -> torch.Tensor:
+        return self._delta[: self._n_delta]
+
+    def upsert(self, ids: Any, vectors: Any, labels: Any) -> torch.Tensor:
+        """Write samples to the store and the exact delta; refresh every ``refresh_every`` calls.
+
+        ids (B,) int >= 0, vectors (B, D) float, labels (B,) int. Returns (U,) int64 rows written.
+        """
+        rows = self.store.upsert(ids, vectors, labels, self.num_classes)
+        if self._dirty.shape[0] < self.store.capacity:
+            grown = torch.zeros(self.store.capacity, dtype=torch.bool, device=self.device)
+            grown[: self._dirty.shape[0]] = self._dirty
+            self._dirty = grown
+        fresh = rows[~self._dirty[rows]]
+        self._dirty[rows] = True
+        n = fresh.numel()
+        if n:
+            if self._n_delta + n > self._delta.shape[0]:
+                cap = self._delta.shape[0]
+                while cap < self._n_delta + n:
+                    cap *= 2
+                grown = torch.empty(cap, dtype=torch.int64, device=self.device)
+                grown[: self._n_delta] = self._delta[: self._n_delta]
+                self._delta = grown
+            self._delta[self._n_delta:self._n_delta + n] = fresh
+            self._n_delta += n
+        self._steps += 1
+        if self.refresh_every and self._steps >= self.refresh_every:
+            self.refresh()
+        return rows
+
+    def refresh(self) -> None:
+        """Rebuild the faiss structure from every stored row and empty the delta."""
+        t0 = time.perf_counter()
+        vectors, labels, _ = self.store.view()
+        self.engine.build(vectors, labels)
+        self._dirty.zero_()
+        self._n_delta = 0
+        self._steps = 0
+        self.last_refresh_s = time.perf_counter() - t0
+        self._update_params()
+        LOG.debug("refreshed %s index of %d rows in %.3f s", self.kind, len(self), self.last_refresh_s)
+
+    # ------------------------------------------------------------------ search
+    def _search_rows(self, xq, yq, qid, k, same_class):
+        vectors, labels, ids = self.store.view()
+        nq = xq.shape[0]
+        parts = []
+        if self.engine.built and nq:
+            dist, cand = self.engine.candidates(xq, yq, same_class, k)
+            if cand.shape[1]:
+                cand = cand.to(self.device)
+                stale = (cand >= 0) & self._dirty[cand.clamp_min(0)]
+                cand = cand.masked_fill(stale, -1)
+                keep = self.params.get("rerank")
+                if keep is not None and cand.shape[1] > max(keep, k):
+                    dist = dist.to(self.device).masked_fill(cand < 0, float("inf"))
+                    j = dist.topk(max(keep, k), dim=1, largest=False).indices
+                    cand = cand.gather(1, j)
+                parts.append(cand)
+        if self._n_delta and nq:
+            drows = self._delta_rows()
+            _, i = knn_other_class(xq, yq, vectors[drows], labels[drows], k,
+                                   qid=qid, bid=ids[drows] if qid is not None else None,
+                                   same_class=same_class)
+            parts.append(torch.where(i >= 0, drows[i.clamp_min(0)], i))
+        cand = torch.cat(parts, dim=1) if parts else torch.empty(nq, 0, dtype=torch.int64, device=self.device)
+        dist, rows = rerank(xq, yq, qid, cand, vectors, labels, ids, k, same_class)
+        if self.engine.needs_fallback and nq:
+            starved = (rows[:, -1] < 0).nonzero().squeeze(1)
+            if starved.numel():
+                d2, r2 = knn_other_class(xq[starved], yq[starved], vectors, labels, k,
+                                         qid=None if qid is None else qid[starved],
+                                         bid=ids if qid is not None else None, same_class=same_class)
+                dist[starved], rows[starved] = d2, r2
+        return dist, rows
+
+    def nbytes(self) -> int:
+        return self.store.nbytes() + self.engine.nbytes() + self._dirty.numel() + self._delta.numel() * 8
+
+    def __repr__(self) -> str:
+        return (f"FaissIndex(kind={self.kind!r}, strategy={self.strategy!r}, dim={self.dim}, "
+                f"num_classes={self.num_classes}, device={str(self.device)!r}, n={len(self)}, "
+                f"delta={self._n_delta})")

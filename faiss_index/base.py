@@ -1,0 +1,112 @@
+"""BaseIndex: the checks and bookkeeping every index shares; variants implement ``_search_rows``."""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from .errors import IndexInputError
+from .result import SearchResult, make_result
+from .store import VectorStore
+from .validate import as_ids, as_labels, as_vectors, check_k, check_same_length, resolve_device
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["BaseIndex"]
+
+
+class BaseIndex(ABC):
+    """A class-aware nearest-neighbour index over a :class:`VectorStore`.
+
+    Subclasses set ``kind`` and ``params`` and implement :meth:`_search_rows`.
+    """
+
+    kind: str = ""
+
+    def __init__(self, dim: int, num_classes: int, device: str | torch.device = "cpu"):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise IndexInputError(f"dim must be a positive integer, got {dim!r}.")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+            raise IndexInputError(f"num_classes must be a positive integer, got {num_classes!r}.")
+        self.dim = dim
+        self.num_classes = num_classes
+        self.device = resolve_device(device)
+        self.store = VectorStore(dim, self.device)
+        self.params: dict = {}
+
+    # ------------------------------------------------------------------ contents
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def counts(self) -> list[int]:
+        """Stored samples per class: a list of num_classes ints."""
+        _, labels, _ = self.store.view()
+        return torch.bincount(labels, minlength=self.num_classes).tolist()
+
+    def upsert(self, ids: Any, vectors: Any, labels: Any) -> torch.Tensor:
+        """Insert or replace samples: ids (B,) int >= 0, vectors (B, D) float, labels (B,) int.
+
+        Returns the (U,) int64 store rows written (one per distinct id).
+        """
+        return self.store.upsert(ids, vectors, labels, self.num_classes)
+
+    def get(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Freshest vectors (B, D) float32 and labels (B,) int64 of ids (zeros / -1 if unknown)."""
+        return self.store.get(ids)
+
+    def nbytes(self) -> int:
+        """Approximate memory held by the index, in bytes."""
+        return self.store.nbytes()
+
+    # ------------------------------------------------------------------ search
+    def search_other_class(self, vectors: Any, labels: Any, k: int = 1, *, query_ids: Any = None,
+                           return_vectors: bool = False) -> SearchResult:
+        """Nearest stored samples whose label differs from each query's label.
+
+        vectors: (Q, D) float; labels: (Q,) int in 0..num_classes-1; query_ids: optional (Q,) int
+        sample ids never returned for their own query. A query whose other classes are all empty
+        gets id -1.
+        """
+        return self._search(vectors, labels, k, query_ids, return_vectors, same_class=False)
+
+    def search_same_class(self, vectors: Any, labels: Any, k: int = 1, *, query_ids: Any = None,
+                          return_vectors: bool = False) -> SearchResult:
+        """Nearest stored samples with the same label as each query (triplet positives).
+
+        Same arguments as :meth:`search_other_class`; pass query_ids so a sample is not its own
+        positive.
+        """
+        return self._search(vectors, labels, k, query_ids, return_vectors, same_class=True)
+
+    def _search(self, vectors, labels, k, query_ids, return_vectors, same_class) -> SearchResult:
+        k = check_k(k)
+        xq = as_vectors(vectors, self.dim, self.device, "query vectors")
+        yq = as_labels(labels, self.num_classes, self.device, "query labels")
+        if query_ids is not None:
+            qid = as_ids(query_ids, self.device, "query_ids")
+            check_same_length(vectors=xq, labels=yq, query_ids=qid)
+        else:
+            qid = None
+            check_same_length(vectors=xq, labels=yq)
+        dist, rows = self._search_rows(xq, yq, qid, k, same_class)
+        v, lab, ids = self.store.view()
+        return make_result(rows, dist, v, lab, ids, return_vectors)
+
+    @abstractmethod
+    def _search_rows(self, xq: torch.Tensor, yq: torch.Tensor, qid: torch.Tensor | None, k: int,
+                     same_class: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated (Q, D) queries -> distances (Q, k) float32 and store rows (Q, k) int64 (-1)."""
+
+    # ------------------------------------------------------------------ maintenance
+    def refresh(self) -> None:
+        """Rebuild any approximate structure from the store (no-op for exact search)."""
+
+    def build(self) -> None:
+        """Build after a bulk load (same as :meth:`refresh`)."""
+        self.refresh()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(kind={self.kind!r}, dim={self.dim}, num_classes={self.num_classes}, "
+                f"device={str(self.device)!r}, n={len(self)})")

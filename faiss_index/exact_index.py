@@ -1,0 +1,38 @@
+"""ExactIndex: a VectorStore searched with the exact engine; needs only torch."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .base import BaseIndex
+from .exact import knn_other_class
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["ExactIndex"]
+
+
+class ExactIndex(BaseIndex):
+    """Exact other-class / same-class search over every stored sample (the default on CUDA).
+
+    Args:
+        dim: vector dimension D.
+        num_classes: labels are 0..num_classes-1.
+        device: "cpu" or "cuda[:N]"; the store and all results live there.
+        chunk: rows of the store scored at once (memory O(Q * chunk)).
+    """
+
+    kind = "exact"
+
+    def __init__(self, dim: int, num_classes: int, device: str | torch.device = "cpu", *, chunk: int = 65536):
+        super().__init__(dim, num_classes, device)
+        self.chunk = int(chunk)
+        self.params = {"chunk": self.chunk}
+        self.last_refresh_s = 0.0
+
+    def _search_rows(self, xq, yq, qid, k, same_class):
+        vectors, labels, ids = self.store.view()
+        bid = ids if qid is not None else None
+        return knn_other_class(xq, yq, vectors, labels, k, qid=qid, bid=bid, same_class=same_class,
+                               chunk=self.chunk)

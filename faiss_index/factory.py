@@ -1,0 +1,32 @@
+"""make_index: one entry point for every kind."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import BaseIndex
+from .errors import IndexInputError
+from .kinds import KINDS
+
+__all__ = ["make_index"]
+
+
+def make_index(kind: str, dim: int, num_classes: int, device: str | torch.device = "cpu", **params: Any) -> BaseIndex:
+    """Create an empty index: kind "exact" -> ExactIndex, any other kind -> FaissIndex.
+
+    params go to the index (e.g. refresh_every, nlist, nprobe, m, nbits, rerank, efSearch,
+    strategy for faiss kinds; chunk for "exact").
+    """
+    if kind == "exact":
+        from .exact_index import ExactIndex
+
+        unknown = sorted(set(params) - {"chunk"})
+        if unknown:
+            raise IndexInputError(f"unknown parameter(s) {', '.join(unknown)} for kind 'exact'; known: chunk.")
+        return ExactIndex(dim, num_classes, device, **params)
+    if kind not in KINDS:
+        raise IndexInputError(f"unknown index kind {kind!r}; kinds are {', '.join(KINDS)}.")
+    from .approx_index import FaissIndex
+
+    return FaissIndex(dim, num_classes, kind=kind, device=device, **params)

@@ -1,0 +1,105 @@
+"""The index kinds and their parameters: which knobs each kind has and their automatic defaults.
+
+Defaults scale with the shard size (rows of one class, or all rows for the global strategy) and
+are resolved again at every build; the resolved values are what ``index.params`` reports.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import IndexInputError
+
+__all__ = ["KINDS", "FAISS_KINDS", "STRATEGIES", "IndexParams", "default_nlist", "default_nprobe",
+           "GPU_PQ_M", "default_kind"]
+
+KINDS = ("exact", "flat", "ivf", "ivfpq", "hnsw", "cagra")
+FAISS_KINDS = KINDS[1:]
+STRATEGIES = ("auto", "sharded", "global")
+
+# Sub-quantizer counts accepted by faiss' GPU IVF-PQ.
+GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+# Fewest points per coarse centroid before faiss (and k-means) get unreliable.
+MIN_POINTS_PER_LIST = 39
+# Classes at or below which "auto" shards by class; above, one global index with a label filter.
+MAX_SHARDED_CLASSES = 32
+
+
+def default_kind(device: str = "cpu") -> str:
+    """The kind measured best for a device: "ivfpq" (fast-scan + exact re-rank) on CPU, "exact" on CUDA.
+
+    On a GPU an exact scan of a million 128-d vectors takes about a millisecond, so approximate
+    search only pays off far beyond that (see benchmarks/probe_mining.py for the CPU figures).
+    """
+    return "exact" if str(device).startswith("cuda") else "ivfpq"
+
+
+def default_nlist(n: int) -> int:
+    """About sqrt(n) coarse lists, a power of two, with at least 39 points per list."""
+    if n < 2 * MIN_POINTS_PER_LIST:
+        return 1
+    p = 2 ** round(math.log2(math.sqrt(n)))
+    return int(max(1, min(p, n // MIN_POINTS_PER_LIST)))
+
+
+def default_nprobe(nlist: int, shards_searched: int = 1, joint: bool = False) -> int:
+    """Lists probed per query.
+
+    Per shard (``joint=False``): nlist / 16, at least 1 (recall about 0.99 on the clustered
+    benchmark). Joint probing across class shards (``joint=True``): the globally nearest lists
+    of all searched shards are taken, and about 1/16 of one shard's lists in total suffices
+    because most shards are far from the query; at least 8.
+    """
+    if joint:
+        return int(max(8, min(nlist * shards_searched, math.ceil(nlist / 16) * 1 + 8)))
+    return int(max(1, math.ceil(nlist / 16)))
+
+
+@dataclass
+class IndexParams:
+    """User-settable parameters of a FaissIndex; ``None`` means "choose from the data"."""
+
+    nlist: int | None = None        # coarse lists per shard (ivf, ivfpq)
+    nprobe: int | None = None       # lists probed per query (joint total on CPU ivf/ivfpq; per shard else)
+    m: int | None = None            # PQ sub-quantizers (ivfpq); CPU default dim (4-bit fast-scan)
+    nbits: int | None = None        # bits per PQ code: 4 on CPU (fast-scan), 8 on GPU
+    rerank: int | None = None       # candidates re-ranked exactly with fresh vectors per query
+    efSearch: int | None = None     # hnsw: search beam width
+    efConstruction: int = 64        # hnsw: build beam width
+    hnsw_m: int = 32                # hnsw: graph degree
+    graph_degree: int = 64          # cagra: output graph degree
+    itopk_size: int = 128           # cagra: search buffer
+    niter: int = 20                 # k-means iterations (first build; warm-started refreshes too)
+    max_points_per_centroid: int = 128  # training sample cap per coarse list
+    seed: int = 0                   # seeds every sample and k-means initialisation
+    strategy: str = "auto"          # "auto" | "sharded" | "global"
+    multi_gpu: bool = True          # with device "cuda", spread class shards over all visible GPUs
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_kwargs(cls, kind: str, **kw: Any) -> "IndexParams":
+        names = {f.name for f in fields(cls)} - {"extra"}
+        unknown = sorted(set(kw) - names)
+        if unknown:
+            raise IndexInputError(
+                f"unknown parameter(s) {', '.join(unknown)} for kind {kind!r}; known: {', '.join(sorted(names))}.")
+        p = cls(**kw)
+        for name in ("nlist", "nprobe", "m", "nbits", "rerank", "efSearch"):
+            v = getattr(p, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise IndexInputError(f"{name} must be a positive integer, got {v!r}.")
+        for name in ("efConstruction", "hnsw_m", "graph_degree", "itopk_size", "niter", "max_points_per_centroid"):
+            v = getattr(p, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise IndexInputError(f"{name} must be a positive integer, got {v!r}.")
+        if p.strategy not in STRATEGIES:
+            raise IndexInputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {p.strategy!r}.")
+        if p.nbits is not None and p.nbits > 8:
+            raise IndexInputError(f"nbits must be at most 8, got {p.nbits}.")
+        return p
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        return d

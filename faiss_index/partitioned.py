@@ -1,0 +1,191 @@
+"""Class-partitioned IVF with joint probing: the CPU engine behind kinds "ivf" and "ivfpq".
+
+Each class is a shard with its own coarse quantizer (k-means on that class only), but all shards'
+inverted lists live in one faiss IVF container: list ids [offset_c, offset_c + nlist_c) belong to
+class c, and every list is class-pure. A query is answered by
+
+1. scoring all lists' centroids with one matrix product (Q x total lists), masking the lists of
+   the query's own class (or, for same-class search, of the other classes) and empty lists;
+2. taking the ``nprobe`` globally nearest remaining lists -- a joint probe over the shards, so the
+   budget goes to the few shards near the query instead of nprobe lists in every shard;
+3. one ``search_preassigned`` call over the whole batch, which for "ivfpq" scans 4-bit codes
+   with faiss' fast-scan kernels (one dimension per sub-quantizer by default, 64 B per 128-d vector),
+   returning ``rerank`` candidates per query for exact re-ranking from the store.
+
+"Other class" is exact by construction: lists of the query's class are never probed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .engine import Engine
+from .ivf_build import fill_lists, ivf_nbytes, new_ivf, to_fast_scan
+from .kinds import default_nlist
+from .kmeans import assign, kmeans, seeded_sample
+from .pq import train_pq
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["PartitionedIVF"]
+
+# Rows sampled to train the PQ codebooks (shared by all classes; codes are not residual).
+_PQ_TRAIN_ROWS = 65536
+
+
+class PartitionedIVF(Engine):
+    """Class-partitioned IVF-Flat ("ivf") or IVF-PQ fast-scan ("ivfpq") on CPU."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.index = None
+        self._quantizer = None
+        self.centroids = torch.empty(0, self.dim)
+        self.list_class = torch.empty(0, dtype=torch.int64)
+        self.list_size = torch.empty(0, dtype=torch.int64)
+        self.nlist_per_class = [0] * self.num_classes
+        self._resolve(counts=[0] * self.num_classes)
+
+    # ------------------------------------------------------------------ parameters
+    def _resolve(self, counts: list[int]) -> None:
+        p = self.params
+        # Lists per class shard: the user's nlist (capped by the class size) or about sqrt(n_c).
+        per_class = [0 if n == 0 else (min(p.nlist, n) if p.nlist is not None else default_nlist(n))
+                     for n in counts]
+        nlist = max(per_class) if any(per_class) else (p.nlist or 1)
+        m = p.m if p.m is not None else self.dim
+        nbits = p.nbits if p.nbits is not None else 4
+        if self.kind == "ivfpq" and self.dim % m:
+            from .errors import IndexInputError
+            raise IndexInputError(f"m={m} must divide the dimension {self.dim}.")
+        # The joint probe: a sixteenth of one shard's lists, at least 8 (see benchmarks/probe_mining.py).
+        nprobe = p.nprobe if p.nprobe is not None else max(8, -(-nlist // 16))
+        rerank = p.rerank if p.rerank is not None else (32 if self.kind == "ivfpq" else 8)
+        self.resolved = {"nlist": nlist, "nlist_per_class": per_class, "nprobe": nprobe, "rerank": rerank, "niter": p.niter,
+                         "max_points_per_centroid": p.max_points_per_centroid, "seed": p.seed,
+                         "probe": "joint"}
+        if self.kind == "ivfpq":
+            self.resolved.update({"m": m, "nbits": nbits, "fast_scan": nbits == 4, "by_residual": False})
+
+    # ------------------------------------------------------------------ build
+    def build(self, vectors: torch.Tensor, labels: torch.Tensor) -> None:
+        faiss = self.faiss
+        vectors = vectors.detach().to("cpu", torch.float32)
+        labels = labels.detach().to("cpu")
+        counts = torch.bincount(labels, minlength=self.num_classes).tolist()
+        self._resolve(counts)
+        r = self.resolved
+        old_cent, old_nlist = self.centroids, self.nlist_per_class
+        cents, list_class, nlists = [], [], []
+        list_no = torch.empty(labels.shape[0], dtype=torch.int64)
+        offset = 0
+        old_offset = 0
+        for c in range(self.num_classes):
+            n_c = counts[c]
+            nl = r["nlist_per_class"][c]
+            prev_nl = old_nlist[c] if c < len(old_nlist) else 0
+            init = old_cent[old_offset:old_offset + prev_nl] if prev_nl == nl and nl else None
+            old_offset += prev_nl
+            nlists.append(nl)
+            if not nl:
+                continue
+            rows_c = (labels == c).nonzero().squeeze(1)
+            xs = vectors[rows_c]
+            sample = xs[seeded_sample(n_c, r["max_points_per_centroid"] * nl, r["seed"] + 7919 * c)]
+            cent = kmeans(sample, nl, niter=r["niter"], seed=r["seed"] + c, init=init)
+            a, _ = assign(xs, cent)
+            list_no[rows_c] = a + offset
+            cents.append(cent)
+            list_class.append(torch.full((nl,), c, dtype=torch.int64))
+            offset += nl
+        self.nlist_per_class = nlists
+        if offset == 0:
+            self.index, self._quantizer, self.built, self.ntotal = None, None, False, 0
+            self.centroids = torch.empty(0, self.dim)
+            return
+        self.centroids = torch.cat(cents)
+        self.list_class = torch.cat(list_class)
+        self.list_size = torch.bincount(list_no, minlength=offset)
+        ids = torch.arange(labels.shape[0], dtype=torch.int64)
+        if self.kind == "ivf":
+            index, quantizer = new_ivf(faiss, "ivf", self.centroids)
+            fill_lists(faiss, index, vectors, list_no, ids)
+        else:
+            sample = vectors[seeded_sample(vectors.shape[0], _PQ_TRAIN_ROWS, r["seed"] + 1)]
+            pq_cent = train_pq(sample, r["m"], r["nbits"], seed=r["seed"])
+            index, quantizer = new_ivf(faiss, "ivfpq", self.centroids, m=r["m"], nbits=r["nbits"],
+                                       pq_centroids=pq_cent, by_residual=False)
+            fill_lists(faiss, index, vectors, list_no, ids, pq_centroids=pq_cent)
+            if r["nbits"] == 4:
+                index = to_fast_scan(faiss, index)
+        self.index, self._quantizer = index, quantizer
+        self._c_sq = (self.centroids * self.centroids).sum(1)
+        self.ntotal = int(labels.shape[0])
+        self.built = True
+        self.resolved["nlist_total"] = offset
+
+    # ------------------------------------------------------------------ search
+    def candidates(self, xq, yq, same_class, k):
+        nq = xq.shape[0]
+        kp = max(self.resolved["rerank"], k)
+        if not self.built:
+            return torch.empty(nq, 0), torch.empty(nq, 0, dtype=torch.int64)
+        xq = xq.to("cpu", torch.float32).contiguous()
+        yq = yq.to("cpu")
+        score = torch.addmm(self._c_sq, xq, self.centroids.T, alpha=-2.0)
+        lc = self.list_class.unsqueeze(0)
+        excluded = (lc != yq.unsqueeze(1)) if same_class else (lc == yq.unsqueeze(1))
+        excluded |= (self.list_size == 0).unsqueeze(0)
+        score.masked_fill_(excluded, float("inf"))
+        nprobe = min(self.resolved["nprobe"], score.shape[1])
+        cd, ci = score.topk(nprobe, dim=1, largest=False, sorted=True)
+        ci = torch.where(torch.isfinite(cd), ci, torch.full_like(ci, -1))
+        cd = cd.masked_fill(~torch.isfinite(cd), 0.0)
+        faiss = self.faiss
+        D = np.empty((nq, kp), dtype=np.float32)
+        I = np.empty((nq, kp), dtype=np.int64)
+        params = faiss.SearchParametersIVF()
+        params.nprobe = nprobe
+        xq_np = xq.numpy()
+        ci_np = np.ascontiguousarray(ci.numpy())
+        cd_np = np.ascontiguousarray(cd.numpy())
+        self.index.search_preassigned_c(nq, faiss.swig_ptr(xq_np), kp, faiss.swig_ptr(ci_np),
+                                        faiss.swig_ptr(cd_np), faiss.swig_ptr(D), faiss.swig_ptr(I), False,
+                                        params)
+        return torch.from_numpy(D).to(self.device), torch.from_numpy(I).to(self.device)
+
+    # ------------------------------------------------------------------ size and persistence
+    def nbytes(self) -> int:
+        if self.index is None:
+            return 0
+        return ivf_nbytes(self.index) + self.centroids.numel() * 4
+
+    def save(self, folder: Path) -> dict:
+        if self.index is None:
+            return {"files": [], "nlist_per_class": self.nlist_per_class}
+        self.faiss.write_index(self.index, str(folder / "ivf.faiss"))
+        return {"files": ["ivf.faiss"], "nlist_per_class": self.nlist_per_class, "ntotal": self.ntotal}
+
+    def load(self, folder: Path, meta: dict) -> None:
+        self.nlist_per_class = list(meta["nlist_per_class"])
+        if not meta["files"]:
+            self.index, self.built = None, False
+            return
+        faiss = self.faiss
+        index = faiss.read_index(str(folder / "ivf.faiss"))
+        ivf = faiss.extract_index_ivf(index)
+        q = faiss.downcast_index(ivf.quantizer)
+        self.centroids = torch.from_numpy(q.reconstruct_n(0, q.ntotal).copy())
+        self.list_class = torch.cat([torch.full((n,), c, dtype=torch.int64)
+                                     for c, n in enumerate(self.nlist_per_class)])
+        inv = ivf.invlists
+        self.list_size = torch.tensor([inv.list_size(i) for i in range(ivf.nlist)], dtype=torch.int64)
+        self._c_sq = (self.centroids * self.centroids).sum(1)
+        self.index, self._quantizer = index, None
+        self.ntotal = int(meta["ntotal"])
+        self.built = True
+        self.resolved["nlist_total"] = int(ivf.nlist)

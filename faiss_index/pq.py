@@ -1,0 +1,82 @@
+"""Product-quantizer codebooks, encoding and faiss bit packing, in torch.
+
+Used to fill faiss IVF-PQ inverted lists directly: faiss' own encoder loops over sub-quantizers
+per vector (seconds for a million vectors with one dimension per sub-quantizer), while a batched
+torch argmin does it in a fraction of that. The packing matches faiss' ``PQEncoderGeneric``
+(sub-quantizer m occupies bits [m*nbits, (m+1)*nbits), little-endian), which the tests check
+against ``ProductQuantizer.compute_codes``.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .kmeans import seeded_sample
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["train_pq", "encode_pq", "pack_codes"]
+
+_ENCODE_ROWS = 16384
+
+
+def _split(x: torch.Tensor, m: int) -> torch.Tensor:
+    """(N, D) -> (M, N, dsub) sub-vectors."""
+    n, d = x.shape
+    return x.reshape(n, m, d // m).transpose(0, 1)
+
+
+def train_pq(x: torch.Tensor, m: int, nbits: int, *, niter: int = 20, seed: int = 0) -> torch.Tensor:
+    """Train M sub-quantizers of 2**nbits centroids each, all M at once (batched Lloyd).
+
+    x: (N, D) float32, D divisible by m -> centroids (M, 2**nbits, D // M) float32.
+    """
+    n, d = x.shape
+    ksub = 1 << nbits
+    sub = _split(x, m).contiguous()  # (M, N, dsub)
+    if n < ksub:
+        # Too few points: repeat them; the codebook is then exact on the training points.
+        reps = -(-ksub // max(n, 1))
+        sub = sub.repeat(1, reps, 1)
+        n = sub.shape[1]
+    c = sub[:, seeded_sample(n, ksub, seed, x.device)].clone()  # (M, ksub, dsub)
+    for _ in range(niter):
+        codes = _nearest(sub, c)  # (M, N)
+        sums = torch.zeros_like(c).scatter_add_(1, codes.unsqueeze(2).expand(-1, -1, sub.shape[2]), sub)
+        cnt = torch.zeros(c.shape[:2], dtype=x.dtype, device=x.device).scatter_add_(
+            1, codes, torch.ones_like(codes, dtype=x.dtype))
+        upd = cnt > 0
+        c = torch.where(upd.unsqueeze(2), sums / cnt.clamp_min(1).unsqueeze(2), c)
+    return c
+
+
+def _nearest(sub: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """sub (M, N, dsub), c (M, K, dsub) -> (M, N) int64 nearest centroid per sub-quantizer."""
+    score = torch.baddbmm((c * c).sum(2).unsqueeze(1), sub, c.transpose(1, 2), alpha=-2.0)
+    return score.argmin(dim=2)
+
+
+def encode_pq(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """x: (N, D) float32, centroids (M, K, dsub) -> codes (N, M) uint8 (K <= 256)."""
+    m = centroids.shape[0]
+    out = torch.empty(x.shape[0], m, dtype=torch.uint8, device=x.device)
+    for s in range(0, x.shape[0], _ENCODE_ROWS):
+        xs = x[s:s + _ENCODE_ROWS]
+        out[s:s + xs.shape[0]] = _nearest(_split(xs, m), centroids).T.to(torch.uint8)
+    return out
+
+
+def pack_codes(codes: torch.Tensor, nbits: int) -> np.ndarray:
+    """codes: (N, M) uint8 sub-quantizer indices -> (N, ceil(M * nbits / 8)) uint8, faiss layout."""
+    c = codes.cpu().numpy()
+    n, m = c.shape
+    if nbits == 8:
+        return np.ascontiguousarray(c)
+    if nbits == 4:
+        if m % 2:
+            c = np.concatenate([c, np.zeros((n, 1), np.uint8)], axis=1)
+        return np.ascontiguousarray(c[:, 0::2] | (c[:, 1::2] << 4))
+    bits = ((c[:, :, None].astype(np.uint16) >> np.arange(nbits, dtype=np.uint16)) & 1).astype(np.uint8)
+    return np.packbits(bits.reshape(n, m * nbits), axis=1, bitorder="little")

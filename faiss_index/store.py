@@ -1,0 +1,198 @@
+"""VectorStore: the freshest vector and label of every sample id, one row per id.
+
+Rows are assigned in order of first appearance and never move, so a row number is a stable
+handle that approximate structures can store as their faiss id.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .errors import IndexInputError
+from .validate import as_ids, as_int, as_labels, as_vectors, check_same_length, resolve_device
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["VectorStore"]
+
+# Ids below this bound are mapped through a dense table (one int64 per possible id); larger ids
+# switch the map to a Python dict.
+DENSE_ID_LIMIT = 1 << 26
+_INITIAL_CAPACITY = 1024
+
+
+class _IdMap:
+    """Map non-negative int64 sample ids to rows: a dense table on the store's device, or a dict."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.table: torch.Tensor | None = torch.full((_INITIAL_CAPACITY,), -1, dtype=torch.int64, device=device)
+        self.dict: dict[int, int] | None = None
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: (B,) int64 >= 0 -> rows (B,) int64, -1 for unknown ids."""
+        if self.table is not None:
+            inside = ids < self.table.shape[0]
+            rows = self.table[ids.clamp_max(self.table.shape[0] - 1)]
+            return torch.where(inside, rows, torch.full_like(rows, -1))
+        get = self.dict.get
+        return torch.tensor([get(i, -1) for i in ids.tolist()], dtype=torch.int64, device=ids.device)
+
+    def insert(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Record rows for new (unique) ids."""
+        if ids.numel() == 0:
+            return
+        if self.table is not None:
+            top = int(ids.max())
+            if top >= DENSE_ID_LIMIT:
+                self._to_dict()
+            elif top >= self.table.shape[0]:
+                size = self.table.shape[0]
+                while size <= top:
+                    size *= 2
+                grown = torch.full((size,), -1, dtype=torch.int64, device=self.device)
+                grown[: self.table.shape[0]] = self.table
+                self.table = grown
+        if self.table is not None:
+            self.table[ids] = rows
+        else:
+            self.dict.update(zip(ids.tolist(), rows.tolist()))
+
+    def _to_dict(self) -> None:
+        known = (self.table >= 0).nonzero().squeeze(1)
+        self.dict = dict(zip(known.tolist(), self.table[known].tolist()))
+        self.table = None
+        LOG.info("sample ids exceed %d; the id map switched to a dict", DENSE_ID_LIMIT)
+
+
+class VectorStore:
+    """One row per sample id: ``vectors`` (cap, D) float32, ``labels`` (cap,) int64, ``ids`` (cap,) int64.
+
+    Only the first ``len(store)`` rows are meaningful; capacity grows geometrically. All tensors
+    live on ``device``.
+    """
+
+    def __init__(self, dim: int, device: str | torch.device = "cpu"):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise IndexInputError(f"dim must be a positive integer, got {dim!r}.")
+        self.dim = dim
+        self.device = resolve_device(device)
+        self.vectors = torch.zeros(_INITIAL_CAPACITY, dim, dtype=torch.float32, device=self.device)
+        self.labels = torch.full((_INITIAL_CAPACITY,), -1, dtype=torch.int64, device=self.device)
+        self.ids = torch.full((_INITIAL_CAPACITY,), -1, dtype=torch.int64, device=self.device)
+        self._n = 0
+        self._map = _IdMap(self.device)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def capacity(self) -> int:
+        return self.vectors.shape[0]
+
+    def _reserve(self, n: int) -> None:
+        cap = self.capacity
+        if n <= cap:
+            return
+        while cap < n:
+            cap *= 2
+        for name, fill in (("vectors", 0.0), ("labels", -1), ("ids", -1)):
+            old = getattr(self, name)
+            new = torch.full((cap, *old.shape[1:]), fill, dtype=old.dtype, device=self.device)
+            new[: self._n] = old[: self._n]
+            setattr(self, name, new)
+
+    def rows_of(self, ids: Any) -> torch.Tensor:
+        """ids: (B,) int -> (B,) int64 rows, -1 for ids not stored."""
+        return self._map.lookup(as_ids(ids, self.device))
+
+    def upsert(self, ids: Any, vectors: Any, labels: Any, num_classes: int | None = None) -> torch.Tensor:
+        """Insert new ids, overwrite known ones in place; within one call the last duplicate wins.
+
+        ids: (B,) int >= 0; vectors: (B, D) float; labels: (B,) int (checked against
+        0..num_classes-1 when num_classes is given). Returns (U,) int64 rows written, one per
+        distinct id, in order of first appearance of each id in this call.
+        """
+        ids = as_ids(ids, self.device)
+        vectors = as_vectors(vectors, self.dim, self.device)
+        labels = as_labels(labels, num_classes, self.device) if num_classes is not None else _plain_labels(labels, self.device)
+        check_same_length(ids=ids, vectors=vectors, labels=labels)
+        if ids.numel() == 0:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        ids, vectors, labels = _last_wins(ids, vectors, labels)
+        rows = self._map.lookup(ids)
+        new = rows < 0
+        n_new = int(new.sum())
+        if n_new:
+            self._reserve(self._n + n_new)
+            fresh = torch.arange(self._n, self._n + n_new, device=self.device)
+            rows = rows.clone()
+            rows[new] = fresh
+            self._map.insert(ids[new], fresh)
+            self._n += n_new
+        self.vectors[rows] = vectors
+        self.labels[rows] = labels
+        self.ids[rows] = ids
+        return rows
+
+    def get(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids: (B,) int -> vectors (B, D) float32 (zeros for unknown ids), labels (B,) int64 (-1)."""
+        rows = self.rows_of(ids)
+        known = rows >= 0
+        r = rows.clamp_min(0)
+        vec = torch.where(known.unsqueeze(1), self.vectors[r], torch.zeros((), device=self.device))
+        lab = torch.where(known, self.labels[r], torch.full_like(rows, -1))
+        return vec, lab
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stored rows: vectors (N, D), labels (N,), ids (N,), as views (no copy)."""
+        n = self._n
+        return self.vectors[:n], self.labels[:n], self.ids[:n]
+
+    def nbytes(self) -> int:
+        """Bytes held by the row tensors (at capacity) and the id map."""
+        total = sum(t.numel() * t.element_size() for t in (self.vectors, self.labels, self.ids))
+        if self._map.table is not None:
+            total += self._map.table.numel() * 8
+        else:
+            total += 100 * len(self._map.dict)
+        return total
+
+    def load_rows(self, vectors: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
+        """Replace the content by rows in the given order (used when loading a saved index)."""
+        n = int(ids.shape[0])
+        self.__init__(self.dim, self.device)
+        if n == 0:
+            return
+        if int(torch.unique(ids).numel()) != n:
+            raise IndexInputError("stored ids are not unique.")
+        self._reserve(n)
+        self.vectors[:n] = vectors.to(self.device, torch.float32)
+        self.labels[:n] = labels.to(self.device, torch.int64)
+        self.ids[:n] = ids.to(self.device, torch.int64)
+        self._n = n
+        self._map.insert(self.ids[:n], torch.arange(n, device=self.device))
+
+
+def _plain_labels(labels: Any, device: torch.device) -> torch.Tensor:
+    t = as_int(labels, "labels", device)
+    if t.numel() and int(t.min()) < 0:
+        raise IndexInputError(f"labels must be non-negative, got {int(t.min())}.")
+    return t
+
+
+def _last_wins(ids: torch.Tensor, vectors: torch.Tensor, labels: torch.Tensor):
+    """Collapse duplicate ids to their last occurrence, keeping first-appearance order."""
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    if uniq.numel() == ids.numel():
+        return ids, vectors, labels
+    pos = torch.arange(ids.numel(), device=ids.device)
+    last = torch.full((uniq.numel(),), -1, dtype=torch.int64, device=ids.device).scatter_reduce(
+        0, inverse, pos, reduce="amax")
+    first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.int64, device=ids.device).scatter_reduce(
+        0, inverse, pos, reduce="amin")
+    order = torch.argsort(first)
+    take = last[order]
+    return ids[take], vectors[take], labels[take]
