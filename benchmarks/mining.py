@@ -46,7 +46,7 @@ KNOBS = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch", "cagra": "itopk
 SWEEP = (0.5, 2.0, 4.0)  # knob values tried besides the default, as multiples of the default
 COMPRESSED = ("ivfpq",)  # kinds whose memory per vector is a short code: the only ones run at --large sizes
 LARGE_N = 10_000_000  # the size --large adds
-ID_OFFSET = 1_000_000_000  # stored ids are ID_OFFSET + row, so a row/id mix-up cannot pass unnoticed
+ID_OFFSET = 10_000  # stored ids are ID_OFFSET + row (small, like real sample ids), so a row/id mix-up shows
 TIE = 1e-6  # a found neighbour at most this much farther than the true one is a tie, counted as a hit
 
 
@@ -124,10 +124,17 @@ def approximate_kinds() -> list[str]:
     return [k for k in faiss_index.KINDS if k not in EXACT_KINDS.values()]
 
 
+def default_approximate_kind(device: torch.device) -> str | None:
+    """The kind the engine recommends for the device, when it is an approximate one (the goals' subject)."""
+    kind = faiss_index.default_kind(str(device)) if hasattr(faiss_index, "default_kind") else None
+    return kind if kind in approximate_kinds() else None
+
+
 def run_mining_bench(cfg: MiningBench, command: str | None = None) -> dict:
     """Run every method at every N; write ``cfg.out`` (JSON), its .md and .png; return the result."""
     cfg.validate()
     device = resolve_device(cfg.device)
+    _methods(cfg)  # unknown method names fail before any work
     torch.manual_seed(cfg.seed)
     started = time.time()
     result = {
@@ -140,6 +147,7 @@ def run_mining_bench(cfg: MiningBench, command: str | None = None) -> dict:
                  "ids": f"{ID_OFFSET} + row", "queries": "rows of the data, distinct within a batch, "
                  "searched with their own ids", "upsert": "the batch's ids with moved vectors (vectors.moved)"},
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("spec", "progress")},
+        "default_approximate": default_approximate_kind(device),
         "rows": [],
     }
     history: dict[str, dict] = {}  # method key -> figures at the previous N, for the skip estimates
@@ -164,6 +172,9 @@ def _methods(cfg: MiningBench) -> list[Method]:
     methods += [Method(kind, kind) for kind in approximate_kinds()]
     methods.append(Method(PEER, None))
     if cfg.methods:
+        unknown = sorted(set(cfg.methods) - {m.name for m in methods})
+        if unknown:
+            raise NilError(f"unknown method {', '.join(unknown)}: choose from {', '.join(m.name for m in methods)}")
         methods = [m for m in methods if m.name in cfg.methods]
     return methods
 
@@ -302,8 +313,8 @@ def _run_index(method: Method, data: _Data, cfg: MiningBench, device: torch.devi
     with PeakMemory(device) as mem:
         try:
             index = faiss_index.make_index(method.kind, cfg.dim, cfg.classes, device=str(device), **method.overrides)
-        except ImportError as exc:  # e.g. a GPU kind without faiss's GPU build: not offered on this device
-            return {"skipped": f"not available on {device}: {exc}"}
+        except (faiss_index.FaissUnavailableError, faiss_index.IndexInputError) as exc:  # cagra on a CPU, ...
+            return {"skipped": f"not offered on {device}: {exc}"}
         build_ms, index = timed_ms(lambda: _fill(index, method, data, cfg), device)
         found, times = [], []
         for b in _batches(data, cfg, f"{method.key} N={n:,}"):
@@ -319,7 +330,7 @@ def _run_index(method: Method, data: _Data, cfg: MiningBench, device: torch.devi
            "peak_mem_scope": mem.scope}
     row["index_mb"] = index.nbytes() / 2**20 if hasattr(index, "nbytes") else None
     row["upsert_ms"] = _upsert_ms(lambda ids, v, y: index.upsert(ids, v, y), data, cfg, device)
-    if hasattr(index, "refresh"):  # the periodic rebuild an approximate index needs as vectors move
+    if isinstance(index, faiss_index.FaissIndex):  # the periodic rebuild an approximate index needs
         ms, _ = timed_ms(index.refresh, device)
         row["refresh_s"] = ms / 1e3
         row["refresh_every"] = getattr(index, "refresh_every", None)

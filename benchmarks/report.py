@@ -57,8 +57,14 @@ def machine_lines(result: dict) -> list[str]:
     ]
 
 
-def _params_text(params: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in params.items()) if params else ""
+# resolved parameters left out of the tables (the JSON has them all): bookkeeping, not search knobs
+_QUIET_PARAMS = ("nlist_per_class", "refresh_every", "niter", "max_points_per_centroid", "seed", "multi_gpu",
+                 "chunk", "distance", "miner")
+
+
+def _params_text(params: dict, quiet: bool = True) -> str:
+    shown = {k: v for k, v in params.items() if not (quiet and k in _QUIET_PARAMS)}
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def write_files(contents: dict[Path, bytes | str]) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import faiss_index
 from benchmarks.machine import machine_info
 from benchmarks.measure import load_average, median, sync, thread_env
 from benchmarks.vectors import ClusteredSpec, iter_chunks
@@ -54,7 +55,7 @@ class TrainBench:
     # memory and search
     memory: tuple[int, ...] = (10_000, 100_000, 1_000_000)  # samples in the miner's memory
     anns: tuple[str, ...] = ANNS  # none: within the batch (no memory, run once); exact; faiss
-    faiss_index: tuple[str, ...] = ("flat", "ivf")  # FAISS kinds run for --ann faiss
+    faiss_kinds: tuple[str, ...] | None = None  # kinds for --ann faiss; None: the trainer's and the engine's defaults
     refresh_every: int = TrainConfig.refresh_every  # steps between rebuilds of an approximate index
     # steps
     steps: int = 20  # timed steps
@@ -109,6 +110,14 @@ class _TimedBatches:
             self.steps.append({"step_ms": ms, "mining_ms": mining1 - mining0, "upsert_ms": upsert1 - upsert0})
 
 
+def default_faiss_kinds(device: torch.device) -> tuple[str, ...]:
+    """The trainer's default --ann-index and the engine's recommended kind for the device."""
+    kinds = [TrainConfig.ann_index]
+    if hasattr(faiss_index, "default_kind"):
+        kinds.append(faiss_index.default_kind(str(device)))
+    return tuple(k for k in dict.fromkeys(kinds) if k != "exact")
+
+
 def run_train_bench(cfg: TrainBench, command: str | None = None) -> dict:
     """Time the trainer's step for every (memory, ann) and write ``cfg.out`` (JSON) and its .md."""
     cfg.validate()
@@ -133,12 +142,14 @@ def run_train_bench(cfg: TrainBench, command: str | None = None) -> dict:
                         "beyond the patch store's; no epoch over N images was trained."),
             "rows": [],
         }
+        kinds = cfg.faiss_kinds or default_faiss_kinds(device)
+        result["settings"]["faiss_kinds"] = list(kinds)
         plan = [("none", None, None)] if "none" in cfg.anns else []
         for m in cfg.memory:
             if "exact" in cfg.anns:
                 plan.append(("exact", None, m))
             if "faiss" in cfg.anns:
-                plan += [("faiss", kind, m) for kind in cfg.faiss_index]
+                plan += [("faiss", kind, m) for kind in kinds]
         for ann, kind, memory in plan:
             result["rows"].append(_run_row(cfg, tcfg, ds, batches, device, ann, kind, memory))
             gc.collect()

@@ -100,8 +100,9 @@ def bench_mining(ctx, ns, dim, classes, seed, batch, batches, warmup, device, me
               help="Memory sizes (samples held by the miner), comma-separated.")
 @click.option("--ann", "anns", default="none,exact,faiss", show_default=True,
               help="Distractor sources to time, comma-separated: none, exact, faiss.")
-@click.option("--faiss-index", default="flat,ivf", show_default=True,
-              help="FAISS kinds timed for --ann faiss, comma-separated.")
+@click.option("--faiss-index", default=None,
+              help="FAISS kinds timed for --ann faiss, comma-separated [default: the trainer's --ann-index "
+                   "(flat) and the engine's recommended kind for the device].")
 @click.option("--steps", default=20, show_default=True, help="Timed training steps per row.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed steps first.")
 @click.option("--batch", default=256, show_default=True, help="Batch size.")
@@ -124,7 +125,7 @@ def bench_train(ctx, memory, anns, faiss_index, steps, warmup, batch, model, cla
     from benchmarks.report import train_markdown
     from benchmarks.train_step import TrainBench, run_train_bench
 
-    cfg = TrainBench(memory=memory, anns=_words(anns) or (), faiss_index=_words(faiss_index) or (), steps=steps,
+    cfg = TrainBench(memory=memory, anns=_words(anns) or (), faiss_kinds=_words(faiss_index), steps=steps,
                      warmup=warmup, batch=batch, model=model, classes=classes, seed=seed, device=device, out=out,
                      progress=progress)
     result = run_train_bench(cfg, command=_invocation(ctx))
