@@ -132,6 +132,17 @@ class FaissIndex(BaseIndex):
             self.refresh()
         return rows
 
+    def _restore_delta(self, rows: torch.Tensor, steps: int) -> None:
+        """Mark rows (changed since the saved structure was built) dirty again after a load."""
+        rows = rows.to(self.device, torch.int64)
+        self._dirty = torch.zeros(self.store.capacity, dtype=torch.bool, device=self.device)
+        self._dirty[rows] = True
+        self._delta = torch.empty(max(1024, rows.numel()), dtype=torch.int64, device=self.device)
+        self._delta[: rows.numel()] = rows
+        self._n_delta = int(rows.numel())
+        self._steps = int(steps)
+        self._update_params()
+
     def refresh(self) -> None:
         """Rebuild the faiss structure from every stored row and empty the delta."""
         t0 = time.perf_counter()

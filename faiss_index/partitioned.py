@@ -34,7 +34,7 @@ LOG = logging.getLogger(__name__)
 __all__ = ["PartitionedIVF"]
 
 # Rows sampled to train the PQ codebooks (shared by all classes; codes are not residual).
-_PQ_TRAIN_ROWS = 65536
+_PQ_TRAIN_ROWS = 16384
 
 
 class PartitionedIVF(Engine):
@@ -96,7 +96,9 @@ class PartitionedIVF(Engine):
             rows_c = (labels == c).nonzero().squeeze(1)
             xs = vectors[rows_c]
             sample = xs[seeded_sample(n_c, r["max_points_per_centroid"] * nl, r["seed"] + 7919 * c)]
-            cent = kmeans(sample, nl, niter=r["niter"], seed=r["seed"] + c, init=init)
+            # A refresh starts from the previous centroids, so fewer iterations suffice.
+            niter = r["niter"] if init is None else max(4, r["niter"] // 3)
+            cent = kmeans(sample, nl, niter=niter, seed=r["seed"] + c, init=init)
             a, _ = assign(xs, cent)
             list_no[rows_c] = a + offset
             cents.append(cent)

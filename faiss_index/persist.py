@@ -1,3 +1,347 @@
-def save_index(*a, **k): raise NotImplementedError
-def load_index(*a, **k): raise NotImplementedError
-def index_stats(*a, **k): raise NotImplementedError
+"""Saving and loading an index folder, atomically and verified.
+
+Layout of ``out_dir``::
+
+    manifest.json        format_version, dim, metric, classes, counts, kind, params, files{path: sha256}, ...
+    embeddings.zarr/     vectors (N, D) float32, labels (N,), ids (N,), keys (N,) str, delta_rows
+    structure/           faiss files of the approximate structure (CPU copies of GPU indexes)
+
+Rows are saved in store order, so faiss ids (store rows) stay valid and a loaded index answers
+exactly like the saved one, delta included. The writer builds everything in a temporary folder
+beside ``out_dir``, fsyncs it, then swaps it in with renames: a crash leaves the previous index or
+none, never a half one. The reader checks the manifest, every file's checksum and the array
+shapes, and refuses anything else with :class:`IndexFormatError`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import BaseIndex
+from .errors import IndexFormatError, IndexInputError
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["save_index", "load_index", "index_stats", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.zarr"
+STRUCTURE = "structure"
+REQUIRED_KEYS = ("format_version", "dim", "metric", "classes", "counts", "count", "kind", "params",
+                 "construct", "engine", "checkpoint_sha256", "source", "created", "files")
+
+
+# ---------------------------------------------------------------------------------------- save
+def save_index(index: BaseIndex, out_dir: str | Path, *, classes: list[str], keys: list[str] | dict | None = None,
+               checkpoint_sha256: str | None = None, source: str | None = None,
+               extra: dict | None = None) -> Path:
+    """Write index to out_dir atomically; return out_dir as a Path.
+
+    classes: one name per class (len == num_classes). keys: one string per stored sample in store
+    order (the order ids were first upserted), or a dict {sample id: key}; None stores "".
+    extra: more JSON-serialisable manifest entries (top level; may not replace required keys).
+    """
+    out = Path(out_dir)
+    classes = [str(c) for c in classes]
+    if len(classes) != index.num_classes:
+        raise IndexInputError(f"classes has {len(classes)} names but the index has {index.num_classes} classes.")
+    vectors, labels, ids = (t.detach().cpu() for t in index.store.view())
+    n = int(ids.shape[0])
+    key_arr = _keys_array(keys, ids)
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(REQUIRED_KEYS))
+    if clash:
+        raise IndexInputError(f"extra may not set reserved manifest keys: {', '.join(clash)}.")
+    if out.exists() and not out.is_dir():
+        raise IndexInputError(f"{out} exists and is not a folder.")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
+        raise IndexInputError(f"{out} exists, is not empty and is not an index folder; refusing to replace it.")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:12]
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    old = out.parent / f".{out.name}.old-{tag}"
+    moved_old = False
+    try:
+        tmp.mkdir()
+        _write_embeddings(tmp / EMBEDDINGS, vectors.numpy(), labels.numpy(), ids.numpy(), key_arr,
+                          _delta_rows(index))
+        (tmp / STRUCTURE).mkdir()
+        engine = getattr(index, "engine", None)
+        engine_meta = {"files": []}
+        if engine is not None:
+            engine_meta = {**engine.save(tmp / STRUCTURE), "type": type(engine).__name__,
+                           "resolved": engine.resolved}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dim": index.dim,
+            "metric": "l2",
+            "num_classes": index.num_classes,
+            "classes": classes,
+            "counts": torch.bincount(labels, minlength=index.num_classes).tolist(),
+            "count": n,
+            "kind": index.kind,
+            "strategy": getattr(index, "strategy", None),
+            "params": _jsonable(index.params),
+            "construct": _construct_args(index),
+            "engine": _jsonable(engine_meta),
+            "steps_since_refresh": int(getattr(index, "_steps", 0)),
+            "checkpoint_sha256": checkpoint_sha256,
+            "source": source,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **_jsonable(extra),
+        }
+        manifest["files"] = {rel: _sha256(tmp / rel) for rel in _files_under(tmp)}
+        _write_json(tmp / MANIFEST, manifest)
+        _fsync_tree(tmp)
+        if out.exists():
+            os.rename(out, old)
+            moved_old = True
+        os.rename(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moved_old and not out.exists():
+            os.rename(old, out)
+        raise
+    if moved_old:
+        shutil.rmtree(old, ignore_errors=True)
+    LOG.info("saved %s index of %d vectors to %s", index.kind, n, out)
+    return out
+
+
+def _delta_rows(index: BaseIndex) -> np.ndarray:
+    rows = index._delta_rows() if hasattr(index, "_delta_rows") else torch.empty(0, dtype=torch.int64)
+    return rows.detach().cpu().numpy().astype(np.int64)
+
+
+def _construct_args(index: BaseIndex) -> dict:
+    if index.kind == "exact":
+        return {"chunk": index.chunk}
+    args = index._user_params.as_dict()
+    args["refresh_every"] = index.refresh_every
+    return args
+
+
+def _keys_array(keys, ids: torch.Tensor) -> np.ndarray:
+    n = int(ids.shape[0])
+    if keys is None:
+        return np.array([""] * n, dtype=object)
+    if isinstance(keys, dict):
+        return np.array([str(keys.get(i, "")) for i in ids.tolist()], dtype=object)
+    keys = list(keys)
+    if len(keys) != n:
+        raise IndexInputError(f"keys has {len(keys)} entries but the index stores {n} samples.")
+    return np.array([str(k) for k in keys], dtype=object)
+
+
+def _write_embeddings(path: Path, vectors, labels, ids, keys, delta) -> None:
+    import zarr  # noqa: PLC0415
+
+    group = zarr.open_group(str(path), mode="w")
+    n, d = vectors.shape
+    _array(group, "vectors", np.ascontiguousarray(vectors, dtype=np.float32), chunks=(max(1, min(n, 65536)), d))
+    _array(group, "labels", labels.astype(np.int64), chunks=(max(1, min(n, 1 << 20)),))
+    _array(group, "ids", ids.astype(np.int64), chunks=(max(1, min(n, 1 << 20)),))
+    _array(group, "keys", keys, chunks=(max(1, min(n, 1 << 18)),), text=True)
+    _array(group, "delta_rows", delta, chunks=(max(1, min(len(delta), 1 << 20)),))
+
+
+def _array(group, name: str, data: np.ndarray, chunks, text: bool = False) -> None:
+    if hasattr(group, "create_array"):  # zarr >= 3
+        arr = group.create_array(name, shape=data.shape, dtype=str if text else data.dtype, chunks=chunks,
+                                 compressors=None if not text else "auto")
+    else:  # zarr 2
+        kw = {}
+        if text:
+            import numcodecs  # noqa: PLC0415
+
+            kw = {"dtype": object, "object_codec": numcodecs.VLenUTF8()}
+        arr = group.create_dataset(name, shape=data.shape, chunks=chunks, dtype=kw.pop("dtype", data.dtype), **kw)
+    if data.size:
+        arr[...] = data
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def _files_under(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            _fsync_dir(p)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------- load
+def _read_manifest(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise IndexFormatError(f"index folder {folder} does not exist.")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise IndexFormatError(f"{folder} is not an index folder: {MANIFEST} is missing.")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexFormatError(f"{path} is not valid JSON ({e}).") from e
+    if not isinstance(manifest, dict):
+        raise IndexFormatError(f"{path} does not hold a JSON object.")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{path} has format_version {manifest.get('format_version')!r}; this version reads {FORMAT_VERSION}.")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise IndexFormatError(f"{path} lacks required key(s): {', '.join(missing)}.")
+    return manifest
+
+
+def _verify_files(folder: Path, manifest: dict) -> None:
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files:
+        raise IndexFormatError(f"{folder / MANIFEST} lists no files.")
+    for rel, digest in sorted(files.items()):
+        p = folder / rel
+        if ".." in Path(rel).parts or not p.is_file():
+            raise IndexFormatError(f"index file {rel} listed in the manifest is missing from {folder}.")
+        if _sha256(p) != digest:
+            raise IndexFormatError(f"index file {rel} in {folder} is corrupt (checksum mismatch).")
+
+
+def load_index(index_dir: str | Path, device: str | torch.device = "cpu") -> tuple[BaseIndex, dict]:
+    """Load a saved index onto device; return (index, manifest).
+
+    Raises IndexFormatError naming the problem if the folder is missing, the manifest is
+    invalid, a file is missing or corrupt, or the arrays disagree with the manifest.
+    """
+    import zarr  # noqa: PLC0415
+
+    from .factory import make_index  # noqa: PLC0415 - avoids an import cycle
+
+    folder = Path(index_dir)
+    manifest = _read_manifest(folder)
+    _verify_files(folder, manifest)
+    dim, counts, n = manifest["dim"], manifest["counts"], manifest["count"]
+    classes = manifest["classes"]
+    if not isinstance(dim, int) or dim <= 0:
+        raise IndexFormatError(f"{folder / MANIFEST} has an invalid dim {dim!r}.")
+    if not isinstance(classes, list) or not classes or len(counts) != len(classes):
+        raise IndexFormatError(f"{folder / MANIFEST}: counts has {len(counts)} entries for {len(classes)} classes.")
+    if sum(counts) != n:
+        raise IndexFormatError(f"{folder / MANIFEST}: counts sum to {sum(counts)} but count is {n}.")
+    try:
+        group = zarr.open_group(str(folder / EMBEDDINGS), mode="r")
+        vectors = np.asarray(group["vectors"][...])
+        labels = np.asarray(group["labels"][...])
+        ids = np.asarray(group["ids"][...])
+        keys_shape = group["keys"].shape
+        delta = np.asarray(group["delta_rows"][...])
+    except Exception as e:  # zarr raises many types for broken stores
+        raise IndexFormatError(f"{folder / EMBEDDINGS} cannot be read ({type(e).__name__}: {e}).") from e
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise IndexFormatError(f"stored vectors have shape {vectors.shape} but the manifest says dim {dim}.")
+    for name, shape in (("vectors", vectors.shape[:1]), ("labels", labels.shape), ("ids", ids.shape),
+                        ("keys", tuple(keys_shape))):
+        if tuple(shape) != (n,):
+            raise IndexFormatError(f"stored {name} hold {shape[0] if shape else '?'} rows but the manifest says {n}.")
+    if n and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise IndexFormatError("stored labels fall outside the manifest's classes.")
+    if np.bincount(labels, minlength=len(classes)).tolist() != list(counts):
+        raise IndexFormatError("stored labels disagree with the manifest's per-class counts.")
+    if delta.size and (delta.min() < 0 or delta.max() >= n):
+        raise IndexFormatError("stored delta rows fall outside the stored rows.")
+
+    kind = manifest["kind"]
+    try:
+        index = make_index(kind, dim, len(classes), device, **manifest["construct"])
+    except IndexInputError as e:
+        raise IndexFormatError(f"{folder / MANIFEST} describes an index that cannot be made: {e}") from e
+    index.store.load_rows(torch.from_numpy(vectors), torch.from_numpy(labels), torch.from_numpy(ids))
+    engine = getattr(index, "engine", None)
+    meta = manifest["engine"]
+    if engine is not None and meta.get("type") != type(engine).__name__:
+        # Saved on another device (e.g. GPU shards, read on CPU): rebuild from the stored vectors.
+        LOG.info("index in %s was saved with a %s structure; rebuilding it as %s for %s", folder,
+                 meta.get("type"), type(engine).__name__, index.device)
+        if n:
+            index.refresh()
+    elif engine is not None:
+        try:
+            engine.load(folder / STRUCTURE, meta)
+        except (KeyError, RuntimeError, ValueError, OSError) as e:
+            raise IndexFormatError(f"the faiss structure in {folder / STRUCTURE} cannot be loaded ({e}).") from e
+        if engine.built and engine.ntotal > n:
+            raise IndexFormatError(f"the faiss structure holds {engine.ntotal} rows but only {n} are stored.")
+        engine.resolved = dict(meta.get("resolved", engine.resolved))
+        index._restore_delta(torch.from_numpy(delta), int(manifest.get("steps_since_refresh", 0)))
+    return index, manifest
+
+
+def index_stats(index_dir: str | Path) -> dict:
+    """Summary of a saved index from its manifest: count, counts, kind, params, dim, bytes, ..."""
+    folder = Path(index_dir)
+    manifest = _read_manifest(folder)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return {
+        "count": manifest["count"], "counts": manifest["counts"], "kind": manifest["kind"],
+        "params": manifest["params"], "dim": manifest["dim"], "bytes": size,
+        "classes": manifest["classes"], "strategy": manifest.get("strategy"), "created": manifest["created"],
+        "checkpoint_sha256": manifest["checkpoint_sha256"], "source": manifest["source"],
+        "format_version": manifest["format_version"],
+    }

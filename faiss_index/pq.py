@@ -19,7 +19,7 @@ LOG = logging.getLogger(__name__)
 
 __all__ = ["train_pq", "encode_pq", "pack_codes"]
 
-_ENCODE_ROWS = 16384
+_ENCODE_ROWS = 4096
 
 
 def _split(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -31,16 +31,18 @@ def _split(x: torch.Tensor, m: int) -> torch.Tensor:
 def train_pq(x: torch.Tensor, m: int, nbits: int, *, niter: int = 20, seed: int = 0) -> torch.Tensor:
     """Train M sub-quantizers of 2**nbits centroids each, all M at once (batched Lloyd).
 
-    x: (N, D) float32, D divisible by m -> centroids (M, 2**nbits, D // M) float32.
+    x: (N, D) float32, D divisible by m -> centroids (M, 2**nbits, D // M) float32. With one
+    dimension per sub-quantizer the levels are returned sorted (encoding relies on it).
     """
     n, d = x.shape
     ksub = 1 << nbits
-    sub = _split(x, m).contiguous()  # (M, N, dsub)
     if n < ksub:
         # Too few points: repeat them; the codebook is then exact on the training points.
-        reps = -(-ksub // max(n, 1))
-        sub = sub.repeat(1, reps, 1)
-        n = sub.shape[1]
+        x = x.repeat(-(-ksub // max(n, 1)), 1)
+        n = x.shape[0]
+    if d == m:
+        return _train_scalar(x, ksub, niter).unsqueeze(2)
+    sub = _split(x, m).contiguous()  # (M, N, dsub)
     c = sub[:, seeded_sample(n, ksub, seed, x.device)].clone()  # (M, ksub, dsub)
     for _ in range(niter):
         codes = _nearest(sub, c)  # (M, N)
@@ -52,6 +54,32 @@ def train_pq(x: torch.Tensor, m: int, nbits: int, *, niter: int = 20, seed: int 
     return c
 
 
+def _train_scalar(x: torch.Tensor, ksub: int, niter: int) -> torch.Tensor:
+    """1-D Lloyd per dimension, started from quantiles: x (N, M) -> sorted levels (M, ksub)."""
+    q = (torch.arange(ksub, dtype=x.dtype, device=x.device) + 0.5) / ksub
+    levels = torch.quantile(x, q, dim=0).T.contiguous()  # (M, ksub), sorted
+    xt = x.T.contiguous()
+    for _ in range(niter):
+        codes = _scalar_codes(x, levels).T.long()  # (M, N)
+        sums = torch.zeros_like(levels).scatter_add_(1, codes, xt)
+        cnt = torch.zeros_like(levels).scatter_add_(1, codes, torch.ones_like(xt))
+        levels = torch.where(cnt > 0, sums / cnt.clamp_min(1), levels).sort(dim=1).values
+    return levels
+
+
+def _scalar_codes(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """x (N, M), sorted levels (M, K) -> (N, M) uint8 index of the nearest level.
+
+    The nearest of sorted levels is the number of midpoints below the value; K-1 vectorised
+    comparisons beat a batched binary search (torch.searchsorted) by 2x on CPU.
+    """
+    mid = ((levels[:, 1:] + levels[:, :-1]) * 0.5).T.contiguous()  # (K-1, M)
+    codes = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for j in range(mid.shape[0]):
+        codes += x > mid[j]
+    return codes
+
+
 def _nearest(sub: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """sub (M, N, dsub), c (M, K, dsub) -> (M, N) int64 nearest centroid per sub-quantizer."""
     score = torch.baddbmm((c * c).sum(2).unsqueeze(1), sub, c.transpose(1, 2), alpha=-2.0)
@@ -61,6 +89,14 @@ def _nearest(sub: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def encode_pq(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """x: (N, D) float32, centroids (M, K, dsub) -> codes (N, M) uint8 (K <= 256)."""
     m = centroids.shape[0]
+    if centroids.shape[2] == 1:
+        levels, perm = centroids[:, :, 0].sort(dim=1)
+        codes = torch.empty(x.shape[0], m, dtype=torch.uint8, device=x.device)
+        for s in range(0, x.shape[0], 65536):
+            codes[s:s + 65536] = _scalar_codes(x[s:s + 65536], levels)
+        if bool((perm != torch.arange(perm.shape[1], device=perm.device)).any()):
+            codes = perm.T.gather(0, codes.long()).to(torch.uint8)
+        return codes
     out = torch.empty(x.shape[0], m, dtype=torch.uint8, device=x.device)
     for s in range(0, x.shape[0], _ENCODE_ROWS):
         xs = x[s:s + _ENCODE_ROWS]
