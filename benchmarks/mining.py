@@ -330,8 +330,9 @@ def _run_index(method: Method, data: _Data, cfg: MiningBench, device: torch.devi
            "peak_mem_scope": mem.scope}
     row["index_mb"] = index.nbytes() / 2**20 if hasattr(index, "nbytes") else None
     row["upsert_ms"] = _upsert_ms(lambda ids, v, y: index.upsert(ids, v, y), data, cfg, device)
-    if isinstance(index, faiss_index.FaissIndex):  # the periodic rebuild an approximate index needs
-        ms, _ = timed_ms(index.refresh, device)
+    if isinstance(index, faiss_index.FaissIndex):
+        row |= _mid_refresh(index, data, cfg, device)
+        ms, _ = timed_ms(index.refresh, device)  # the periodic rebuild an approximate index needs
         row["refresh_s"] = ms / 1e3
         row["refresh_every"] = getattr(index, "refresh_every", None)
     if method.name == EXACT_TORCH:
@@ -360,6 +361,30 @@ def _upsert_ms(upsert, data: _Data, cfg: MiningBench, device: torch.device) -> f
         ms, _ = timed_ms(lambda: upsert(data.ids[q], new, data.y[q]), device)
         times.append(ms)
     return median(times)
+
+
+def _mid_refresh(index, data: _Data, cfg: MiningBench, device: torch.device) -> dict:
+    """Search time halfway through a refresh cycle, the average state during training.
+
+    Between rebuilds a FaissIndex searches every row changed since the last build exactly (its
+    delta); ``ms_per_batch`` is measured right after a build, with an empty delta. Here batches of
+    existing ids are re-upserted until ``refresh_every / 2`` upserts have happened since the build,
+    then the query batches are timed again."""
+    every = getattr(index, "refresh_every", 0) or 0
+    done = len(data.qrows) - cfg.warmup  # the upserts timed just before
+    rng = torch.Generator().manual_seed(cfg.seed + 4)
+    n = len(data.x)
+    for j in range(max(0, every // 2 - done)):
+        rows = torch.randperm(n, generator=rng)[: cfg.batch].to(device)
+        new = torch.from_numpy(moved(data.x[rows].cpu().numpy(), cfg.seed + 1000 + j)).to(device)
+        index.upsert(data.ids[rows], new, data.y[rows])
+    times = []
+    for b in range(len(data.qrows)):
+        q = data.qrows[b]
+        ms, _ = timed_ms(lambda: index.search_other_class(data.x[q], data.y[q], 1, query_ids=data.ids[q]), device)
+        if b >= cfg.warmup:
+            times.append(ms)
+    return {"ms_per_batch_mid_refresh": median(times), "delta_rows_mid_refresh": getattr(index, "delta_size", None)}
 
 
 def _run_peer(data: _Data, cfg: MiningBench, device: torch.device) -> dict:

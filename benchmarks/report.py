@@ -184,11 +184,14 @@ def mining_markdown(result: dict) -> str:
             f"(seed {d['seed']}); queries are rows of the data searched with their own ids. recall@1 is against "
             "the reference `knn_other_class` (a tie in distance counts as a hit); ms per batch is the median "
             f"over {result['settings']['batches']} batches after {result['settings']['warmup']} warm-up batches; "
-            "upsert ms is one batch's update of existing ids with moved vectors (median); peak MB is the "
+            "upsert ms is one batch's update of existing ids with moved vectors (median); an approximate index "
+            "searches the rows changed since its last rebuild exactly, so 'ms/batch mid-refresh' times the same "
+            "batches again after refresh_every / 2 batch upserts, the average state during training, and "
+            "'refresh s' is one rebuild; peak MB is the "
             "resident-memory high-water mark while the method was built and searched (it includes the "
             "benchmark's own copy of the vectors); index MB is the method's own footprint.", ""]
-    headers = ["method", "params", "recall@1", "ms/batch", "queries/s", "build s", "upsert ms", "refresh s",
-               "peak MB", "index MB", "note"]
+    headers = ["method", "params", "recall@1", "ms/batch", "queries/s", "ms/batch mid-refresh", "build s",
+               "upsert ms", "refresh s", "peak MB", "index MB", "note"]
     for n in sorted({r["n"] for r in result["rows"]}):
         out += [f"## N = {n:,}", ""]
         table = []
@@ -198,7 +201,7 @@ def mining_markdown(result: dict) -> str:
             if r.get("error"):
                 note = "error: " + note
             table.append([r["method"], _params_text(r["params"]), fmt(r["recall_at_1"], 3), fmt(r["ms_per_batch"]),
-                          fmt(r["queries_per_s"], 0), fmt(r["build_s"], 2), fmt(r["upsert_ms"], 2),
+                          fmt(r["queries_per_s"], 0), fmt(r.get("ms_per_batch_mid_refresh")), fmt(r["build_s"], 2), fmt(r["upsert_ms"], 2),
                           fmt(r.get("refresh_s"), 2), fmt(r["peak_mem_mb"], 0), fmt(r.get("index_mb"), 1), note])
         out += [markdown_table(headers, table), ""]
     out += ["## Goals", ""]
@@ -247,13 +250,13 @@ def mining_plot_png(result: dict) -> bytes:
         if pts:
             left.plot([r["ms_per_batch"] for r in pts], [r["recall_at_1"] for r in pts], "-o", color=colours[m],
                       label=m, markersize=4)
-            for r in pts:
+            for i, r in enumerate(pts):
                 if r.get("default"):
                     left.plot(r["ms_per_batch"], r["recall_at_1"], "o", color=colours[m], markersize=9,
                               markerfacecolor="none")
                 if r.get("overrides"):
                     left.annotate(_params_text(r["overrides"]), (r["ms_per_batch"], r["recall_at_1"]), fontsize=7,
-                                  textcoords="offset points", xytext=(4, -10))
+                                  textcoords="offset points", xytext=(4, -10 if i % 2 else 5))
         line = sorted((r for r in rows if r["method"] == m and r.get("default", True)), key=lambda r: r["n"])
         if line:
             right.plot([r["n"] for r in line], [r["ms_per_batch"] for r in line], "-o", color=colours[m], label=m)
@@ -322,16 +325,21 @@ def train_markdown(result: dict) -> str:
             f"(`nil.data.synth.write_synthetic`, {s['classes']} classes), loaded before timing so data loading is "
             f"not in the figures. {result['prefill']}", "",
             f"Figures are medians over {s['steps']} steps after {s['warmup']} warm-up steps; share = (mining + "
-            "upsert) / step. The FAISS kinds also rebuild their approximate structure every `refresh_every` "
-            "steps: refresh s is one such rebuild, measured after the timed steps, and the last column adds "
-            "it amortised over `refresh_every` steps.", ""]
-    headers = ["memory", "ann", "index", "ms/step", "mining ms", "upsert ms", "share", "refresh s", "refresh every",
-               "share + refresh", "note"]
+            "upsert) / step. A FAISS index searches the rows changed since its last rebuild exactly (its delta) "
+            "and rebuilds every `refresh_every` steps"
+            + (", so its steps were timed halfway through a refresh cycle (moved vectors of random stored ids "
+               "were upserted first; 'delta at start' is the resulting delta), the average step of a long run"
+               if s.get("mid_refresh") else ", and its steps were timed right after a build (its cheapest)")
+            + "; refresh s is one rebuild, measured after the timed steps, and the last column adds it amortised "
+            "over `refresh_every` steps.", ""]
+    headers = ["memory", "ann", "index", "ms/step", "mining ms", "upsert ms", "share", "delta at start", "refresh s",
+               "refresh every", "share + refresh", "note"]
     table = []
     for r in result["rows"]:
         table.append([fmt(r["memory"]), r["ann"], r.get("ann_index") or "", fmt(r.get("ms_per_step")),
                       fmt(r.get("mining_ms"), 2), fmt(r.get("upsert_ms"), 2),
-                      f"{r['share']:.1%}" if r.get("share") is not None else "-", fmt(r.get("refresh_s"), 2),
+                      f"{r['share']:.1%}" if r.get("share") is not None else "-", fmt(r.get("delta_rows_at_start")),
+                      fmt(r.get("refresh_s"), 2),
                       fmt(r.get("refresh_every")),
                       f"{r['share_with_refresh']:.1%}" if r.get("share_with_refresh") is not None else "-",
                       r.get("skipped") or (("error: " + r["error"]) if r.get("error") else "")])

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 import faiss_index
 from benchmarks.machine import machine_info
 from benchmarks.measure import load_average, median, sync, thread_env
-from benchmarks.vectors import ClusteredSpec, iter_chunks
+from benchmarks.vectors import ClusteredSpec, iter_chunks, moved
 from nil.config import TrainConfig
 from nil.data import write_synthetic
 from nil.errors import NilError
@@ -57,6 +57,7 @@ class TrainBench:
     anns: tuple[str, ...] = ANNS  # none: within the batch (no memory, run once); exact; faiss
     faiss_kinds: tuple[str, ...] | None = None  # kinds for --ann faiss; None: the trainer's and the engine's defaults
     refresh_every: int = TrainConfig.refresh_every  # steps between rebuilds of an approximate index
+    mid_refresh: bool = True  # time the steps halfway through a refresh cycle (False: right after a build)
     # steps
     steps: int = 20  # timed steps
     warmup: int = 3  # untimed steps first
@@ -224,6 +225,9 @@ def _time_steps(cfg: TrainBench, tcfg: TrainConfig, ds, batches: list, device: t
         _prefill(miner.index, memory, batches, ds, cfg, device, label)
         figures["prefill_s"] = time.perf_counter() - start
         figures["memory_count"] = len(miner.index.store)
+        if cfg.mid_refresh and isinstance(miner.index, faiss_index.FaissIndex):
+            figures["aged_upserts"] = _age(miner.index, memory, cfg)
+            figures["delta_rows_at_start"] = miner.index.delta_size
     timed = _TimedBatches(batches, miner, device, cfg.progress)
     stats = _train_epoch(model, timed, optimizer, scheduler, criterion, miner, tcfg, device, True, 0)
     steps = timed.steps[cfg.warmup:]
@@ -268,6 +272,22 @@ def _prefill(index, memory: int, batches: list, ds, cfg: TrainBench, device: tor
     bar.close()
     if hasattr(index, "build"):
         index.build()
+
+
+def _age(index, memory: int, cfg: TrainBench) -> int:
+    """Upsert moved vectors of random stored ids until the timed steps sit halfway through a refresh cycle.
+
+    A FaissIndex searches the rows changed since its last rebuild exactly, so a step right after a
+    build is its cheapest; halfway to the next rebuild is the average step of a long run."""
+    every = getattr(index, "refresh_every", 0) or 0
+    count = max(0, every // 2 - cfg.warmup - cfg.steps // 2)
+    rng = torch.Generator().manual_seed(cfg.seed + 5)
+    _, _, stored = index.store.view()
+    for j in range(count):
+        ids = stored[torch.randperm(len(stored), generator=rng)[: cfg.batch].to(stored.device)]
+        v, y = index.store.get(ids)
+        index.upsert(ids, torch.from_numpy(moved(v.cpu().numpy(), cfg.seed + 1000 + j)).to(v.device), y)
+    return count
 
 
 def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

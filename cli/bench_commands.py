@@ -103,6 +103,8 @@ def bench_mining(ctx, ns, dim, classes, seed, batch, batches, warmup, device, me
 @click.option("--faiss-index", default=None,
               help="FAISS kinds timed for --ann faiss, comma-separated [default: the trainer's --ann-index "
                    "(flat) and the engine's recommended kind for the device].")
+@click.option("--mid-refresh/--after-build", default=True, show_default=True,
+              help="Time FAISS rows halfway through a refresh cycle (the average step), or right after a build.")
 @click.option("--steps", default=20, show_default=True, help="Timed training steps per row.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed steps first.")
 @click.option("--batch", default=256, show_default=True, help="Batch size.")
@@ -114,7 +116,8 @@ def bench_mining(ctx, ns, dim, classes, seed, batch, batches, warmup, device, me
               help="Result JSON; the .md table is written beside it.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 @click.pass_context
-def bench_train(ctx, memory, anns, faiss_index, steps, warmup, batch, model, classes, seed, device, out, progress):
+def bench_train(ctx, memory, anns, faiss_index, mid_refresh, steps, warmup, batch, model, classes, seed, device, out,
+                progress):
     """Time the trainer's step and the share distractor mining and the memory update take of it.
 
     Runs nil's own training step (small CNN, 32x32 synthetic patches) with distractors from the batch
@@ -125,9 +128,9 @@ def bench_train(ctx, memory, anns, faiss_index, steps, warmup, batch, model, cla
     from benchmarks.report import train_markdown
     from benchmarks.train_step import TrainBench, run_train_bench
 
-    cfg = TrainBench(memory=memory, anns=_words(anns) or (), faiss_kinds=_words(faiss_index), steps=steps,
-                     warmup=warmup, batch=batch, model=model, classes=classes, seed=seed, device=device, out=out,
-                     progress=progress)
+    cfg = TrainBench(memory=memory, anns=_words(anns) or (), faiss_kinds=_words(faiss_index), mid_refresh=mid_refresh,
+                     steps=steps, warmup=warmup, batch=batch, model=model, classes=classes, seed=seed, device=device,
+                     out=out, progress=progress)
     result = run_train_bench(cfg, command=_invocation(ctx))
     click.echo(train_markdown(result))
     click.echo(f"wrote {out} and {Path(out).with_suffix('.md')}")
