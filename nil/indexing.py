@@ -119,7 +119,7 @@ def embed_image(image_path: str | Path, checkpoint: str | Path, device: torch.de
     spec = ckpt["model_spec"]
     try:
         with Image.open(image_path) as im:
-            arr = np.asarray(im.convert("L" if spec["in_channels"] == 1 else "RGB"))
+            arr = np.array(im.convert("L" if spec["in_channels"] == 1 else "RGB"))
     except FileNotFoundError:
         raise NilError(f"image {image_path} does not exist") from None
     except (UnidentifiedImageError, OSError) as exc:
