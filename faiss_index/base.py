@@ -91,8 +91,8 @@ class BaseIndex(ABC):
             qid = None
             check_same_length(vectors=xq, labels=yq)
         dist, rows = self._search_rows(xq, yq, qid, k, same_class)
-        v, lab, ids = self.store.view()
-        return make_result(rows, dist, v, lab, ids, return_vectors)
+        s = self.store  # full-capacity tensors: row 0 exists even when the store is empty
+        return make_result(rows, dist, s.vectors, s.labels, s.ids, return_vectors)
 
     @abstractmethod
     def _search_rows(self, xq: torch.Tensor, yq: torch.Tensor, qid: torch.Tensor | None, k: int,

@@ -6,6 +6,7 @@ from ``faiss.contrib.torch_utils`` so CUDA tensors are read in place on the inde
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from types import ModuleType
 
@@ -70,16 +71,22 @@ class GpuContext:
         return self.faiss.GpuIndexCagra(self.resources(gpu), d, self.faiss.METRIC_L2, cfg)
 
     # -------------------------------------------------------------- zero-copy calls
+    @contextlib.contextmanager
+    def _on(self, index, gpu: int):
+        """Make gpu current and run faiss on torch's current stream there (ordered with torch)."""
+        with torch.cuda.device(gpu), self.tu.using_stream(index.getResources()):
+            yield
+
     def add(self, index, x: torch.Tensor, gpu: int) -> None:
         """index.add with a CUDA tensor, read in place (x moved to the index's GPU if needed)."""
         x = x.to(torch.device("cuda", gpu), torch.float32).contiguous()
-        with self.tu.using_stream(index.getResources()):
+        with self._on(index, gpu):
             index.add_c(x.shape[0], self.tu.swig_ptr_from_FloatTensor(x))
 
     def train(self, index, x: torch.Tensor, gpu: int) -> None:
         """index.train with a CUDA tensor (CAGRA builds its graph here)."""
         x = x.to(torch.device("cuda", gpu), torch.float32).contiguous()
-        with self.tu.using_stream(index.getResources()):
+        with self._on(index, gpu):
             index.train_c(x.shape[0], self.tu.swig_ptr_from_FloatTensor(x))
 
     def search(self, index, x: torch.Tensor, k: int, gpu: int, params=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +96,7 @@ class GpuContext:
         n = x.shape[0]
         D = torch.empty(n, k, dtype=torch.float32, device=x.device)
         I = torch.empty(n, k, dtype=torch.int64, device=x.device)
-        with self.tu.using_stream(index.getResources()):
+        with self._on(index, gpu):
             index.search_c(n, self.tu.swig_ptr_from_FloatTensor(x), k, self.tu.swig_ptr_from_FloatTensor(D),
                            self.tu.swig_ptr_from_IndicesTensor(I), params)
         return D.to(home), I.to(home)

@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import IndexInputError
 
-__all__ = ["KINDS", "FAISS_KINDS", "STRATEGIES", "IndexParams", "default_nlist", "default_nprobe",
+__all__ = ["KINDS", "FAISS_KINDS", "STRATEGIES", "IndexParams", "default_nlist",
            "GPU_PQ_M", "default_kind"]
 
 KINDS = ("exact", "flat", "ivf", "ivfpq", "hnsw", "cagra")
@@ -41,19 +41,6 @@ def default_nlist(n: int) -> int:
         return 1
     p = 2 ** round(math.log2(math.sqrt(n)))
     return int(max(1, min(p, n // MIN_POINTS_PER_LIST)))
-
-
-def default_nprobe(nlist: int, shards_searched: int = 1, joint: bool = False) -> int:
-    """Lists probed per query.
-
-    Per shard (``joint=False``): nlist / 16, at least 1 (recall about 0.99 on the clustered
-    benchmark). Joint probing across class shards (``joint=True``): the globally nearest lists
-    of all searched shards are taken, and about 1/16 of one shard's lists in total suffices
-    because most shards are far from the query; at least 8.
-    """
-    if joint:
-        return int(max(8, min(nlist * shards_searched, math.ceil(nlist / 16) * 1 + 8)))
-    return int(max(1, math.ceil(nlist / 16)))
 
 
 @dataclass

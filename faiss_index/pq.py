@@ -70,13 +70,14 @@ def _train_scalar(x: torch.Tensor, ksub: int, niter: int) -> torch.Tensor:
 def _scalar_codes(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """x (N, M), sorted levels (M, K) -> (N, M) uint8 index of the nearest level.
 
-    The nearest of sorted levels is the number of midpoints below the value; K-1 vectorised
-    comparisons beat a batched binary search (torch.searchsorted) by 2x on CPU.
+    The nearest of sorted levels is the number of midpoints below the value: one broadcast
+    comparison per block of rows (2x faster than torch.searchsorted on CPU, and few kernel calls).
     """
-    mid = ((levels[:, 1:] + levels[:, :-1]) * 0.5).T.contiguous()  # (K-1, M)
-    codes = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-    for j in range(mid.shape[0]):
-        codes += x > mid[j]
+    mid = ((levels[:, 1:] + levels[:, :-1]) * 0.5).unsqueeze(0)  # (1, M, K-1)
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    step = 8192
+    for s in range(0, x.shape[0], step):
+        codes[s:s + step] = (x[s:s + step].unsqueeze(2) > mid).sum(dim=2, dtype=torch.uint8)
     return codes
 
 
@@ -91,9 +92,7 @@ def encode_pq(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     m = centroids.shape[0]
     if centroids.shape[2] == 1:
         levels, perm = centroids[:, :, 0].sort(dim=1)
-        codes = torch.empty(x.shape[0], m, dtype=torch.uint8, device=x.device)
-        for s in range(0, x.shape[0], 65536):
-            codes[s:s + 65536] = _scalar_codes(x[s:s + 65536], levels)
+        codes = _scalar_codes(x, levels)
         if bool((perm != torch.arange(perm.shape[1], device=perm.device)).any()):
             codes = perm.T.gather(0, codes.long()).to(torch.uint8)
         return codes

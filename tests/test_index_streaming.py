@@ -1,0 +1,170 @@
+"""Streaming semantics of FaissIndex: delta, stale entries, refresh, and a property test.
+
+The structure is rebuilt only at refresh; in between, upserted rows live in an exact delta and
+their stale structure entries are skipped, so results are always computed from fresh vectors.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from faiss_index import ExactIndex, FaissIndex, make_index
+
+pytest.importorskip("faiss")
+
+DIM = 8
+
+
+def base_data(n=600, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, DIM, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
+def test_replaced_vector_is_never_returned_with_its_old_distance(kind):
+    x, y = base_data()
+    ids = torch.arange(600)
+    index = make_index(kind, DIM, 3, refresh_every=0)
+    index.upsert(ids, x, y)
+    index.build()
+    q = x[:1] + 0.0
+    yq = torch.tensor([(int(y[0]) + 1) % 3])  # a query of another class than sample 0
+    # Make sample 0 the nearest by far, then move it far away without refreshing.
+    index.upsert(torch.tensor([0]), q, y[:1])
+    r = index.search_other_class(q, yq, 1)
+    assert r.ids[0, 0] == 0 and r.distances[0, 0] == 0
+    index.upsert(torch.tensor([0]), q + 100.0, y[:1])
+    r = index.search_other_class(q, yq, 3, return_vectors=True)
+    assert 0 not in r.ids[0].tolist() or r.distances[0, r.ids[0].tolist().index(0)] > 99
+    v, _ = index.get(r.ids[0])
+    torch.testing.assert_close(r.distances[0], (v - q).norm(dim=1))
+    torch.testing.assert_close(r.vectors[0], v)
+    index.refresh()
+    r2 = index.search_other_class(q, yq, 3)
+    assert torch.equal(r2.ids, r.ids) if kind in ("flat",) else 0 not in r2.ids[0].tolist()
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_delta_is_found_before_refresh_and_after(kind):
+    x, y = base_data(seed=1)
+    index = make_index(kind, DIM, 3, refresh_every=0)
+    index.upsert(torch.arange(600), x, y)
+    index.build()
+    assert index.delta_size == 0
+    target = torch.full((1, DIM), 3.0)
+    index.upsert(torch.tensor([10_000]), target, torch.tensor([2]))  # a new id, not in the structure
+    assert index.delta_size == 1
+    for _ in range(2):
+        r = index.search_other_class(target + 0.01, torch.tensor([0]), 1)
+        assert r.ids[0, 0] == 10_000 and r.labels[0, 0] == 2
+        assert abs(r.distances[0, 0].item() - 0.01 * math.sqrt(DIM)) < 1e-5
+        index.refresh()
+        assert index.delta_size == 0 and index.last_refresh_s is not None
+
+
+def test_a_sample_never_returns_itself_and_label_changes_are_respected():
+    x, y = base_data(seed=2)
+    ids = torch.arange(600) + 5
+    index = make_index("ivfpq", DIM, 3, refresh_every=0)
+    index.upsert(ids, x, y)
+    index.build()
+    r = index.search_same_class(x[:50], y[:50], 2, query_ids=ids[:50])
+    assert not (r.ids == ids[:50].unsqueeze(1)).any()
+    # Sample 5 changes class 0 -> 1 (or 1 -> 2 ...): it must now be found only as its new class.
+    new = (int(y[0]) + 1) % 3
+    index.upsert(ids[:1], x[:1], torch.tensor([new]))
+    probe = x[:1] + 1e-3
+    assert index.search_other_class(probe, torch.tensor([new]), 5).ids[0].tolist().count(5) == 0
+    assert index.search_same_class(probe, torch.tensor([new]), 1).ids[0, 0] == 5
+    assert index.counts() == torch.bincount(torch.cat([torch.tensor([new]), y[1:]]), minlength=3).tolist()
+
+
+def test_refresh_every_counts_upserts():
+    x, y = base_data(seed=3)
+    index = FaissIndex(DIM, 3, kind="ivf", refresh_every=3)
+    for i in range(7):
+        index.upsert(torch.arange(i * 50, i * 50 + 50), x[i * 50:(i + 1) * 50], y[i * 50:(i + 1) * 50])
+        expected_delta = 50 * ((i + 1) % 3)
+        assert index.delta_size == expected_delta, i
+    assert index.engine.ntotal == 300 and len(index) == 350
+    # Re-upserting rows already in the delta does not add them twice.
+    index.upsert(torch.arange(300, 350), x[300:350] + 1, y[300:350])
+    assert index.delta_size == 50 and len(index) == 350
+    index.upsert(torch.arange(300, 350), x[300:350], y[300:350])  # third call since the refresh
+    assert index.delta_size == 0 and index.engine.ntotal == 350
+
+
+def test_bulk_load_then_build_has_no_per_batch_cost():
+    x, y = base_data(n=3000, seed=4)
+    index = make_index("ivfpq", DIM, 3, refresh_every=5)
+    index.upsert(torch.arange(3000), x, y)  # one call: no refresh yet, everything in the delta
+    assert index.delta_size == 3000 and not index.engine.built
+    index.build()
+    assert index.delta_size == 0 and index.engine.ntotal == 3000 and index.last_refresh_s > 0
+
+
+def test_empty_index_and_empty_classes():
+    index = make_index("ivfpq", DIM, 4)
+    r = index.search_other_class(torch.zeros(2, DIM), [0, 1], 2)
+    assert r.ids.eq(-1).all() and torch.isinf(r.distances).all() and r.labels.eq(-1).all()
+    index.upsert([1, 2], torch.stack([torch.ones(DIM), torch.full((DIM,), 2.0)]), [3, 3])
+    index.build()
+    r = index.search_other_class(torch.zeros(2, DIM), [3, 0], 1, return_vectors=True)
+    assert r.ids[:, 0].tolist() == [-1, 1] and r.vectors[0].eq(0).all() and r.vectors[1].eq(1).all()
+
+
+# ------------------------------------------------------------------------- property test
+POOL = 24  # sample ids 0..23; small enough that tiny IVF/PQ indexes stay exact (one list, full re-rank)
+
+op = st.one_of(
+    st.tuples(st.just("upsert"), st.lists(st.tuples(st.integers(0, POOL - 1), st.integers(0, 3),
+                                                     st.lists(st.integers(-3, 3), min_size=4, max_size=4)),
+                                           min_size=1, max_size=6)),
+    st.tuples(st.just("search"), st.tuples(st.lists(st.integers(-3, 3), min_size=4, max_size=4), st.integers(0, 3),
+                                           st.one_of(st.none(), st.integers(0, POOL - 1)), st.booleans(),
+                                           st.integers(1, 3))),
+    st.tuples(st.just("refresh"), st.none()),
+)
+
+
+def model_search(model, q, label, qid, same, k):
+    cands = sorted((math.dist(q, v), i) for i, (v, lab) in model.items()
+                   if (lab == label) == same and i != qid)
+    return [d for d, _ in cands[:k]]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["exact", "flat", "ivfpq", "ivf"]), ops=st.lists(op, min_size=1, max_size=14),
+       refresh_every=st.integers(0, 3))
+def test_other_class_search_matches_a_brute_force_model(kind, ops, refresh_every):
+    params = {} if kind == "exact" else {"refresh_every": refresh_every, "rerank": POOL}
+    index = make_index(kind, 4, 4, **params)
+    model: dict[int, tuple[list[float], int]] = {}
+    for name, arg in ops:
+        if name == "upsert":
+            for i, lab, v in arg:  # last duplicate wins, as in the index
+                model[i] = ([float(t) for t in v], lab)
+            index.upsert([a[0] for a in arg], torch.tensor([a[2] for a in arg], dtype=torch.float32),
+                         [a[1] for a in arg])
+        elif name == "refresh":
+            index.refresh()
+        else:
+            q, label, qid, same, k = arg
+            search = index.search_same_class if same else index.search_other_class
+            r = search(torch.tensor([q], dtype=torch.float32), [label], k,
+                       query_ids=None if qid is None else [qid], return_vectors=True)
+            want = model_search(model, [float(t) for t in q], label, qid, same, k)
+            got = [d for d in r.distances[0].tolist() if not math.isinf(d)]
+            assert got == pytest.approx(want, abs=1e-5)
+            assert len(set(i for i in r.ids[0].tolist() if i >= 0)) == len(got)  # no duplicates
+            for j, i in enumerate(r.ids[0].tolist()):
+                if i < 0:
+                    assert r.labels[0, j] == -1 and r.vectors[0, j].eq(0).all()
+                    continue
+                vec, lab = model[i]
+                assert (lab == label) == same and i != qid
+                assert r.labels[0, j] == lab and r.vectors[0, j].tolist() == vec
+    assert len(index) == len(model)
+    assert index.counts() == [sum(1 for _, lab in model.values() if lab == c) for c in range(4)]
