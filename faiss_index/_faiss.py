@@ -14,7 +14,7 @@ from .errors import FaissUnavailableError
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["import_faiss", "gpu_count", "has_cuvs"]
+__all__ = ["import_faiss", "gpu_count", "has_cuvs", "follow_torch_threads"]
 
 CPU_EXTRA = 'pip install "nil[cpu]"'
 GPU_EXTRA = 'pip install "nil[gpu]"'
@@ -48,3 +48,15 @@ def gpu_count(faiss: ModuleType) -> int:
 def has_cuvs(faiss: ModuleType) -> bool:
     """Whether this faiss was built with cuVS (needed for CAGRA)."""
     return hasattr(faiss, "GpuIndexCagra")
+
+
+def follow_torch_threads(faiss: ModuleType) -> None:
+    """Give faiss' OpenMP pool as many threads as torch uses.
+
+    faiss and torch ship separate OpenMP runtimes; if a caller lowers torch's threads (e.g. to
+    leave cores to data loading), faiss would otherwise keep one thread per core and the two
+    pools would oversubscribe the CPU.
+    """
+    n = torch.get_num_threads()
+    if faiss.omp_get_max_threads() != n:
+        faiss.omp_set_num_threads(n)

@@ -24,7 +24,7 @@ from .errors import FaissUnavailableError, IndexInputError
 from .exact import knn_other_class
 from .kinds import FAISS_KINDS, KINDS, MAX_SHARDED_CLASSES, IndexParams
 from .rerank import rerank
-from ._faiss import has_cuvs, import_faiss
+from ._faiss import follow_torch_threads, has_cuvs, import_faiss
 
 LOG = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class FaissIndex(BaseIndex):
         self.kind = kind
         p = IndexParams.from_kwargs(kind, **params)
         faiss = import_faiss(self.device)
+        self._faiss = faiss
         on_gpu = self.device.type == "cuda"
         if kind == "hnsw" and on_gpu:
             raise IndexInputError("kind 'hnsw' runs on CPU only in faiss; use 'cagra', 'ivf' or 'exact' on CUDA.")
@@ -146,8 +147,9 @@ class FaissIndex(BaseIndex):
     def refresh(self) -> None:
         """Rebuild the faiss structure from every stored row and empty the delta."""
         t0 = time.perf_counter()
+        follow_torch_threads(self._faiss)
         vectors, labels, _ = self.store.view()
-        self.engine.build(vectors, labels)
+        self.engine.build(vectors, labels, changed=self._dirty[: len(self.store)])
         self._dirty.zero_()
         self._n_delta = 0
         self._steps = 0
@@ -161,15 +163,16 @@ class FaissIndex(BaseIndex):
         nq = xq.shape[0]
         parts = []
         if self.engine.built and nq:
+            follow_torch_threads(self._faiss)
             dist, cand = self.engine.candidates(xq, yq, same_class, k)
             if cand.shape[1]:
                 cand = cand.to(self.device)
                 stale = (cand >= 0) & self._dirty[cand.clamp_min(0)]
                 cand = cand.masked_fill(stale, -1)
-                keep = self.params.get("rerank")
-                if keep is not None and cand.shape[1] > max(keep, k):
+                keep = max(self.params.get("rerank", 0), 2 * k)  # as many as one engine call returns
+                if cand.shape[1] > keep:
                     dist = dist.to(self.device).masked_fill(cand < 0, float("inf"))
-                    j = dist.topk(max(keep, k), dim=1, largest=False).indices
+                    j = dist.topk(keep, dim=1, largest=False).indices
                     cand = cand.gather(1, j)
                 parts.append(cand)
         if self._n_delta and nq:

@@ -48,8 +48,12 @@ class Engine(ABC):
         self.ntotal = 0
 
     @abstractmethod
-    def build(self, vectors: torch.Tensor, labels: torch.Tensor) -> None:
-        """(Re)build from all store rows: vectors (N, D) float32, labels (N,) int64; row i has faiss id i."""
+    def build(self, vectors: torch.Tensor, labels: torch.Tensor, changed: torch.Tensor | None = None) -> None:
+        """(Re)build from all store rows: vectors (N, D) float32, labels (N,) int64; row i has faiss id i.
+
+        changed: optional (N,) bool, rows written since the previous build (None: all); an engine
+        may reuse per-row work (e.g. PQ codes) for the others.
+        """
 
     @abstractmethod
     def candidates(self, xq: torch.Tensor, yq: torch.Tensor, same_class: bool,

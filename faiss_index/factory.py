@@ -1,6 +1,7 @@
 """make_index: one entry point for every kind."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -8,6 +9,8 @@ import torch
 from .base import BaseIndex
 from .errors import IndexInputError
 from .kinds import KINDS
+
+LOG = logging.getLogger(__name__)
 
 __all__ = ["make_index"]
 

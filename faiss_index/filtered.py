@@ -54,7 +54,7 @@ class GlobalFiltered(Engine):
                  probe="global_filter")
         self.resolved = r
 
-    def build(self, vectors: torch.Tensor, labels: torch.Tensor) -> None:
+    def build(self, vectors: torch.Tensor, labels: torch.Tensor, changed: torch.Tensor | None = None) -> None:
         n = int(labels.shape[0])
         self._resolve(n)
         self._bitmaps.clear()
@@ -84,7 +84,7 @@ class GlobalFiltered(Engine):
 
     def candidates(self, xq, yq, same_class, k):
         nq = xq.shape[0]
-        kp = max(self.resolved["rerank"], k)
+        kp = max(self.resolved["rerank"], 2 * k)
         r = self.resolved
         if self.gpus is not None:
             fetch = min(_GPU_MAX_K, self.ntotal, kp * _GPU_OVERFETCH)

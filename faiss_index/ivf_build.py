@@ -46,17 +46,21 @@ def new_ivf(faiss: ModuleType, kind: str, centroids: torch.Tensor, *, m: int = 0
 
 
 def fill_lists(faiss: ModuleType, index, vectors: torch.Tensor, list_no: torch.Tensor, ids: torch.Tensor,
-               pq_centroids: torch.Tensor | None = None, centroids: torch.Tensor | None = None) -> None:
+               pq_centroids: torch.Tensor | None = None, centroids: torch.Tensor | None = None,
+               codes: np.ndarray | None = None) -> None:
     """Write every vector into its list of an empty CPU IndexIVFFlat / IndexIVFPQ.
 
     vectors: (N, D) float32; list_no: (N,) int64 list of each vector; ids: (N,) int64 faiss ids.
-    For IVF-PQ the codes are computed here (of the residual to ``centroids`` when by_residual).
+    For IVF-PQ the codes are computed here (of the residual to ``centroids`` when by_residual),
+    unless ``codes`` (N, code_size) uint8, already packed for these vectors, are given.
     """
     vectors = vectors.detach()
     order = torch.argsort(list_no.cpu(), stable=True)
     lists = list_no.cpu()[order]
     ids_np = np.ascontiguousarray(ids.cpu()[order].numpy(), dtype=np.int64)
-    if pq_centroids is None:
+    if codes is not None:
+        codes = codes[order.numpy()]
+    elif pq_centroids is None:
         codes = np.ascontiguousarray(vectors[order.to(vectors.device)].cpu().numpy(), dtype=np.float32).view(np.uint8)
     else:
         x = vectors[order.to(vectors.device)]

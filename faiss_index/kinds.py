@@ -5,11 +5,14 @@ are resolved again at every build; the resolved values are what ``index.params``
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import IndexInputError
+
+LOG = logging.getLogger(__name__)
 
 __all__ = ["KINDS", "FAISS_KINDS", "STRATEGIES", "IndexParams", "default_nlist",
            "GPU_PQ_M", "default_kind"]

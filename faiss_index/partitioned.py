@@ -16,7 +16,6 @@ class c, and every list is class-pure. A query is answered by
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -24,10 +23,11 @@ import numpy as np
 import torch
 
 from .engine import Engine
+from .errors import IndexInputError
 from .ivf_build import fill_lists, ivf_nbytes, new_ivf, to_fast_scan
 from .kinds import default_nlist
 from .kmeans import assign, kmeans, seeded_sample
-from .pq import train_pq
+from .pq import encode_pq, pack_codes, pq_mse, train_pq
 
 LOG = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ __all__ = ["PartitionedIVF"]
 
 # Rows sampled to train the PQ codebooks (shared by all classes; codes are not residual).
 _PQ_TRAIN_ROWS = 16384
+# Retrain the PQ codebook at a refresh when its error on fresh data grew by more than this factor.
+_PQ_RETRAIN_RATIO = 1.2
 
 
 class PartitionedIVF(Engine):
@@ -48,6 +50,7 @@ class PartitionedIVF(Engine):
         self.list_class = torch.empty(0, dtype=torch.int64)
         self.list_size = torch.empty(0, dtype=torch.int64)
         self.nlist_per_class = [0] * self.num_classes
+        self._pq: dict | None = None  # codebook, its training error, packed codes per row
         self._resolve(counts=[0] * self.num_classes)
 
     # ------------------------------------------------------------------ parameters
@@ -60,21 +63,20 @@ class PartitionedIVF(Engine):
         m = p.m if p.m is not None else self.dim
         nbits = p.nbits if p.nbits is not None else 4
         if self.kind == "ivfpq" and self.dim % m:
-            from .errors import IndexInputError
             raise IndexInputError(f"m={m} must divide the dimension {self.dim}.")
         # Joint probe budget, measured with benchmarks/probe_mining.py (9 classes, 1M x 128-d,
         # nlist 256 per class): total probes 16 / 24 / 32 gave recall@1 0.965 / 0.981 / 0.989;
         # at 100k (nlist 128) 24 probes gave 0.972.
         nprobe = p.nprobe if p.nprobe is not None else max(24, -(-nlist // 10))
         rerank = p.rerank if p.rerank is not None else (32 if self.kind == "ivfpq" else 8)
-        self.resolved = {"nlist": nlist, "nlist_per_class": per_class, "nprobe": nprobe, "rerank": rerank, "niter": p.niter,
-                         "max_points_per_centroid": p.max_points_per_centroid, "seed": p.seed,
-                         "probe": "joint"}
+        self.resolved = {"nlist": nlist, "nlist_per_class": per_class, "nprobe": nprobe, "rerank": rerank,
+                         "niter": p.niter, "max_points_per_centroid": p.max_points_per_centroid,
+                         "seed": p.seed, "probe": "joint"}
         if self.kind == "ivfpq":
             self.resolved.update({"m": m, "nbits": nbits, "fast_scan": nbits == 4, "by_residual": False})
 
     # ------------------------------------------------------------------ build
-    def build(self, vectors: torch.Tensor, labels: torch.Tensor) -> None:
+    def build(self, vectors: torch.Tensor, labels: torch.Tensor, changed: torch.Tensor | None = None) -> None:
         faiss = self.faiss
         vectors = vectors.detach().to("cpu", torch.float32)
         labels = labels.detach().to("cpu")
@@ -119,11 +121,10 @@ class PartitionedIVF(Engine):
             index, quantizer = new_ivf(faiss, "ivf", self.centroids)
             fill_lists(faiss, index, vectors, list_no, ids)
         else:
-            sample = vectors[seeded_sample(vectors.shape[0], _PQ_TRAIN_ROWS, r["seed"] + 1)]
-            pq_cent = train_pq(sample, r["m"], r["nbits"], seed=r["seed"])
+            pq_cent, codes = self._codes_for(vectors, changed)
             index, quantizer = new_ivf(faiss, "ivfpq", self.centroids, m=r["m"], nbits=r["nbits"],
                                        pq_centroids=pq_cent, by_residual=False)
-            fill_lists(faiss, index, vectors, list_no, ids, pq_centroids=pq_cent)
+            fill_lists(faiss, index, vectors, list_no, ids, codes=codes)
             if r["nbits"] == 4:
                 index = to_fast_scan(faiss, index)
         self.index, self._quantizer = index, quantizer
@@ -132,10 +133,42 @@ class PartitionedIVF(Engine):
         self.built = True
         self.resolved["nlist_total"] = offset
 
+    def _codes_for(self, vectors: torch.Tensor, changed: torch.Tensor | None):
+        """PQ codebook and packed codes (N, code_size) uint8 of every row.
+
+        The codes are not residual, so they do not depend on the coarse lists: while the codebook
+        still fits the data (reconstruction error on a fresh seeded sample within 20% of its
+        value when trained) it is kept, and only rows changed since the last build are encoded.
+        Otherwise it is retrained and everything re-encoded.
+        """
+        r = self.resolved
+        n = vectors.shape[0]
+        sample = vectors[seeded_sample(n, _PQ_TRAIN_ROWS, r["seed"] + 1)]
+        cb = self._pq
+        reuse = (cb is not None and changed is not None and cb["shape"] == (r["m"], r["nbits"])
+                 and cb["codes"].shape[0] <= n and pq_mse(sample, cb["centroids"]) <= _PQ_RETRAIN_RATIO * cb["mse"])
+        if reuse:
+            codes = np.empty((n, cb["codes"].shape[1]), dtype=np.uint8)
+            old = cb["codes"].shape[0]
+            codes[:old] = cb["codes"]
+            todo = changed.cpu().clone()
+            todo[old:] = True
+            rows = todo.nonzero().squeeze(1)
+            if rows.numel():
+                codes[rows.numpy()] = pack_codes(encode_pq(vectors[rows], cb["centroids"]), r["nbits"])
+            cent = cb["centroids"]
+        else:
+            cent = train_pq(sample, r["m"], r["nbits"], seed=r["seed"])
+            codes = pack_codes(encode_pq(vectors, cent), r["nbits"])
+            cb = {"centroids": cent, "mse": pq_mse(sample, cent), "shape": (r["m"], r["nbits"])}
+        cb["codes"] = codes
+        self._pq = cb
+        return cent, codes
+
     # ------------------------------------------------------------------ search
     def candidates(self, xq, yq, same_class, k):
         nq = xq.shape[0]
-        kp = max(self.resolved["rerank"], k)
+        kp = max(self.resolved["rerank"], 2 * k)
         if not self.built:
             return torch.empty(nq, 0), torch.empty(nq, 0, dtype=torch.int64)
         xq = xq.to("cpu", torch.float32).contiguous()

@@ -17,7 +17,7 @@ from .kmeans import seeded_sample
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["train_pq", "encode_pq", "pack_codes"]
+__all__ = ["train_pq", "encode_pq", "pack_codes", "pq_mse"]
 
 _ENCODE_ROWS = 4096
 
@@ -101,6 +101,14 @@ def encode_pq(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
         xs = x[s:s + _ENCODE_ROWS]
         out[s:s + xs.shape[0]] = _nearest(_split(xs, m), centroids).T.to(torch.uint8)
     return out
+
+
+def pq_mse(x: torch.Tensor, centroids: torch.Tensor) -> float:
+    """Mean squared reconstruction error of x (N, D) under the codebook (M, K, dsub)."""
+    codes = encode_pq(x, centroids).long()  # (N, M)
+    m = centroids.shape[0]
+    recon = centroids[torch.arange(m, device=x.device).unsqueeze(0), codes]  # (N, M, dsub)
+    return float(((recon.reshape(x.shape) - x) ** 2).sum(1).mean())
 
 
 def pack_codes(codes: torch.Tensor, nbits: int) -> np.ndarray:

@@ -6,9 +6,13 @@ wrong class (after a label change), the query's own id, or a duplicate is droppe
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .exact import pairwise_distances
+
+LOG = logging.getLogger(__name__)
 
 __all__ = ["rerank"]
 

@@ -1,9 +1,12 @@
 """SearchResult: what every index returns for a batch of queries."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+LOG = logging.getLogger(__name__)
 
 __all__ = ["SearchResult", "make_result"]
 

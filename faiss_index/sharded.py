@@ -46,7 +46,7 @@ class ClassShards(Engine):
             r["gpus"] = list(self.gpus.gpus)
         self.resolved = r
 
-    def build(self, vectors: torch.Tensor, labels: torch.Tensor) -> None:
+    def build(self, vectors: torch.Tensor, labels: torch.Tensor, changed: torch.Tensor | None = None) -> None:
         counts = torch.bincount(labels, minlength=self.num_classes).tolist()
         self._resolve(counts)
         shards = {}
@@ -65,7 +65,7 @@ class ClassShards(Engine):
 
     def candidates(self, xq, yq, same_class, k):
         nq = xq.shape[0]
-        kp = max(self.resolved["rerank"], k)
+        kp = max(self.resolved["rerank"], 2 * k)
         width = kp * len(self.shards)
         out_d = torch.full((nq, width), float("inf"), device=self.device)
         out_r = torch.full((nq, width), -1, dtype=torch.int64, device=self.device)

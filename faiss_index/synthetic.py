@@ -8,7 +8,11 @@ MINING-FACTS.md.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+LOG = logging.getLogger(__name__)
 
 __all__ = ["clustered"]
 

@@ -4,12 +4,15 @@ Every check raises :class:`IndexInputError` with one sentence that names the arg
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import IndexInputError
+
+LOG = logging.getLogger(__name__)
 
 __all__ = ["as_vectors", "as_labels", "as_ids", "as_int", "check_k", "check_same_length", "resolve_device"]
 
