@@ -1,10 +1,20 @@
 """faiss_index: the distractor search engine of nil.
 
-Answers "nearest stored sample of another class" (and "of the same class") for batches of
-embeddings that stream in during training. :func:`knn_other_class` is the exact engine (plain
-torch, any device); :class:`FaissIndex` is the approximate one (class-sharded faiss structures,
-an exact delta for what changed, exact re-ranking from the store). faiss is imported lazily, so
-the exact engine works without it.
+Answers "nearest stored sample of another class" (and "of the same class", for triplet
+positives) for batches of embeddings that stream in during training.
+
+* :func:`knn_other_class` -- the exact engine: plain torch on any device, the reference every
+  approximate engine is tested against. :class:`ExactIndex` wraps it around a store; it is the
+  right choice on a GPU (``default_kind("cuda") == "exact"``).
+* :class:`FaissIndex` -- the approximate engine: a :class:`VectorStore` (freshest vector per
+  sample id), a faiss structure rebuilt every ``refresh_every`` upserts, an exact delta for rows
+  changed since, and exact re-ranking of all candidates from the store. On CPU the IVF kinds use
+  class-partitioned lists with joint probing (:mod:`faiss_index.partitioned`); ``"ivfpq"``
+  (4-bit fast-scan codes + re-rank) is the measured CPU default (``default_kind("cpu")``).
+* :func:`save_index` / :func:`load_index` / :func:`index_stats` -- atomic, checksummed folders.
+
+faiss is imported lazily, so everything exact works without it; using a faiss kind without
+faiss raises :class:`FaissUnavailableError` naming the extra to install.
 """
 from .errors import FaissUnavailableError, IndexFormatError, IndexInputError
 from .exact import knn_other_class

@@ -14,6 +14,7 @@ values do not suffer from the cancellation of the expanded form.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -131,9 +132,11 @@ def knn_other_class(
     sq_b = torch.linalg.vector_norm(xb, dim=1).square_()  # (N,) computed once, reused per block
     xq_m2 = -2.0 * xq
     if augmented:
-        ncls = hi + 1
         # Scores must stay below BIG / 2 for every allowed pair: |b|^2 - 2 q.b <= 2|q|^2 + 3|b|^2.
         big = float(4.0 * (xq * xq).sum(1).max() + 4.0 * sq_b.max() + 1.0)
+        augmented = math.isfinite(big) and big < 1e30  # huge vectors: BIG * 0 must stay 0
+    if augmented:
+        ncls = hi + 1
         onehot_q = torch.nn.functional.one_hot(yq, ncls).to(torch.float32)
         aux_q = torch.cat([torch.ones(nq, 1, device=device), 1.0 - onehot_q if same_class else onehot_q], dim=1)
         table = torch.eye(ncls, device=device) * big

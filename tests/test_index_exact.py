@@ -149,3 +149,11 @@ def test_cuda_matches_cpu():
                                  same_class=same, chunk=700)
         assert Dg.is_cuda and torch.equal(Ig.cpu(), Ic)
         torch.testing.assert_close(Dg.cpu(), Dc, rtol=1e-5, atol=1e-5)
+
+
+def test_huge_vectors_do_not_overflow_the_class_penalty():
+    xq, yq, xb, yb = data(6, 50, 3, 2, seed=6)
+    D, I = knn_other_class(xq * 1e17, yq, xb * 1e17, yb, 2)
+    Dr, Ir = brute(xq, yq, xb, yb, 2)
+    np.testing.assert_array_equal(I.numpy(), Ir)
+    np.testing.assert_allclose(D.numpy() / 1e17, Dr, rtol=1e-4)
