@@ -90,7 +90,10 @@ class NilNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.classifier = nn.Linear(width, num_classes)
-        self.projection = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, embed_dim))
+        # BatchNorm centres the pooled features (all positive after ReLU): without it the random
+        # head maps every image near one direction and the embeddings start collapsed.
+        self.projection = nn.Sequential(nn.Linear(width, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+                                        nn.Linear(width, embed_dim))
 
     def heads(self, features: torch.Tensor) -> ModelOutput:
         """Classifier and embedding from pooled features (B, F); used for feature-space distractors."""
