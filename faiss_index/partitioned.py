@@ -199,7 +199,8 @@ class PartitionedIVF(Engine):
     def nbytes(self) -> int:
         if self.index is None:
             return 0
-        return ivf_nbytes(self.index) + self.centroids.numel() * 4
+        cached = self._pq["codes"].nbytes if self._pq is not None else 0
+        return ivf_nbytes(self.index) + self.centroids.numel() * 4 + cached
 
     def save(self, folder: Path) -> dict:
         if self.index is None:

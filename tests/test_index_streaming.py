@@ -135,11 +135,14 @@ def model_search(model, q, label, qid, same, k):
     return [d for d, _ in cands[:k]]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(kind=st.sampled_from(["exact", "flat", "ivfpq", "ivf"]), ops=st.lists(op, min_size=1, max_size=14),
-       refresh_every=st.integers(0, 3))
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["exact", "flat", "ivfpq", "ivf", "flat/global", "ivf/global"]),
+       ops=st.lists(op, min_size=1, max_size=14), refresh_every=st.integers(0, 3))
 def test_other_class_search_matches_a_brute_force_model(kind, ops, refresh_every):
+    kind, _, strategy = kind.partition("/")
     params = {} if kind == "exact" else {"refresh_every": refresh_every, "rerank": POOL}
+    if strategy:
+        params.update(strategy=strategy, nprobe=POOL)  # exhaustive: the property is about streaming
     index = make_index(kind, 4, 4, **params)
     model: dict[int, tuple[list[float], int]] = {}
     for name, arg in ops:
