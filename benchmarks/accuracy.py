@@ -46,7 +46,7 @@ class AccuracyBench:
     lam: float = 0.5  # distractor weight, margin and warm-up shared by every nil arm (tuned on val)
     margin: float = 0.5
     warmup_epochs: int = 1
-    ann_index: str = "flat"  # FAISS kind of the nil-faiss arm
+    ann_index: str = "auto"  # kind of the nil-faiss arm: the engine's default
     workdir: str = "runs/bench-accuracy"
     out: str = "benchmarks/results/accuracy.json"
     device: str = "auto"

@@ -77,7 +77,9 @@ def demo(out, n, epochs, seed, device, progress):
 @click.option("--gradient-step", default=0.5, show_default=True, help="--distractor gradient: step size, x ||f||.")
 @click.option("--ann", default="exact", show_default=True, type=click.Choice(["none", "exact", "faiss"]),
               help="Where distractors come from: the batch, an exact memory, or the FAISS engine.")
-@click.option("--ann-index", default="flat", show_default=True, help="FAISS kind for --ann faiss.")
+@click.option("--ann-index", default="auto", show_default=True,
+              help="Index kind for --ann faiss: flat, ivf, ivfpq, hnsw, cagra, exact; auto: the engine's "
+                   "default for the device (ivfpq on CPU, exact on CUDA).")
 @click.option("--refresh-every", default=200, show_default=True, help="Steps between rebuilds of the ANN structure.")
 @click.option("--audit-every", default=0, show_default=True, help="Steps between recall@1 audits against exact (0: off).")
 @click.option("--index-from", default=None, type=click.Path(), help="Start the memory from an index built by `nil index build`.")

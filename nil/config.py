@@ -43,7 +43,7 @@ class TrainConfig:
     gradient_step: float = 0.5  # --distractor gradient: step along the confusing class's gradient, x ||f||
     # distractor search
     ann: str = "exact"  # none: within the batch; exact: torch engine; faiss: FAISS engine
-    ann_index: str = "flat"  # FAISS kind for --ann faiss
+    ann_index: str = "auto"  # kind for --ann faiss; auto: the engine's default for the device
     refresh_every: int = 200  # steps between rebuilds of the approximate structure
     audit_every: int = 0  # steps between recall@1 audits of --ann faiss against exact (0: never)
     index_from: str | None = None  # start the memory from an index folder built by `nil index build`

@@ -43,8 +43,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                   device=cfg.device, progress=cfg.progress)
     arms = {
         "ce": TrainConfig(out=str(out / "ce"), loss="ce", ann="none", **common),
-        "nil-faiss": TrainConfig(out=str(out / "nil-faiss"), loss="nil", ann="faiss", ann_index="flat",
-                                 audit_every=0, **common),
+        "nil-faiss": TrainConfig(out=str(out / "nil-faiss"), loss="nil", ann="faiss", audit_every=20, **common),
     }
     runs = {}
     for name, arm in arms.items():

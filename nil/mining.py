@@ -44,7 +44,7 @@ class DistractorMiner:
         num_classes: int,
         dim: int,
         device: torch.device | str = "cpu",
-        kind: str = "flat",
+        kind: str = "ivfpq",
         refresh_every: int = 200,
         need_positive: bool = False,
         audit_every: int = 0,

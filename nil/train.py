@@ -122,7 +122,8 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device, out: Path) -> dict:
     spec = model_spec(cfg, ds, image_size)
-    resolved = cfg.to_dict() | {"resolved": {"device": str(device), "image_size": image_size,
+    kind = faiss_index.default_kind(str(device)) if cfg.ann_index == "auto" else cfg.ann_index
+    resolved = cfg.to_dict() | {"resolved": {"device": str(device), "image_size": image_size, "ann_index": kind,
                                              "classes": ds.classes, "format": ds.format,
                                              "split_origin": ds.split_origin, "torch": torch.__version__}}
     save_json(resolved, out / "config.json")
@@ -140,7 +141,7 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
     criterion = DistractorLoss(cfg.margin, cfg.variant)
     miner = None
     if use_nil and cfg.distractor == "memory":
-        miner = DistractorMiner(cfg.ann, ds.num_classes, cfg.embed_dim, device, kind=cfg.ann_index,
+        miner = DistractorMiner(cfg.ann, ds.num_classes, cfg.embed_dim, device, kind=kind,
                                 refresh_every=cfg.refresh_every, need_positive=cfg.variant == "triplet",
                                 audit_every=cfg.audit_every, index=_start_index(cfg, ds, device))
 
