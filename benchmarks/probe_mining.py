@@ -37,6 +37,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g = ap.add_argument_group("index")
     g.add_argument("--kind", default="ivfpq")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (the store, queries and structure live there)")
     g.add_argument("--param", action="append", default=[], help="key=value index parameter (repeatable)")
     g = ap.add_argument_group("search")
     g.add_argument("--batch", type=int, default=256)
@@ -66,10 +67,14 @@ def main(argv=None) -> dict:
     params = {k: _value(v) for k, v in params.items()}
     t0 = time.perf_counter()
     x, y = clustered(a.n, a.dim, a.classes, clusters_per_class=a.clusters_per_class, spread=a.spread, seed=a.seed)
-    ids = torch.arange(a.n)
+    x, y = x.to(a.device), y.to(a.device)
+    ids = torch.arange(a.n, device=a.device)
+    sync = torch.cuda.synchronize if str(a.device).startswith("cuda") else (lambda: None)
     t_data = time.perf_counter() - t0
 
-    index = make_index(a.kind, a.dim, a.classes, refresh_every=0, **params)
+    if a.kind != "exact":
+        params.setdefault("refresh_every", 0)
+    index = make_index(a.kind, a.dim, a.classes, device=a.device, **params)
     t0 = time.perf_counter()
     index.upsert(ids, x, y)
     t_load = time.perf_counter() - t0
@@ -81,13 +86,16 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(a.seed + 1)
     exact_ms, approx_ms, hits = [], [], 0
     for b in range(a.batches + 1):
-        qi = torch.randint(0, a.n, (a.batch,), generator=g)
+        qi = torch.randint(0, a.n, (a.batch,), generator=g).to(a.device)
         xq, yq = x[qi], y[qi]
+        sync()
         t0 = time.perf_counter()
         De, Ie = knn_other_class(xq, yq, vectors, labels, a.k, qid=qi, bid=bids)
+        sync()
         te = time.perf_counter() - t0
         t0 = time.perf_counter()
         r = index.search_other_class(xq, yq, a.k, query_ids=qi)
+        sync()
         ta = time.perf_counter() - t0
         if b == 0:  # warm-up
             continue
@@ -101,17 +109,22 @@ def main(argv=None) -> dict:
     # Streaming: re-upsert batches of existing samples with moved vectors (as in training).
     up_ms = []
     for _ in range(a.upserts):
-        qi = torch.randint(0, a.n, (a.batch,), generator=g)
-        v = x[qi] + 0.01 * torch.randn(a.batch, a.dim, generator=g)
+        qi = torch.randint(0, a.n, (a.batch,), generator=g).to(a.device)
+        v = x[qi] + 0.01 * torch.randn(a.batch, a.dim, generator=g).to(a.device)
+        v = v / v.norm(dim=1, keepdim=True)
+        sync()
         t0 = time.perf_counter()
-        index.upsert(qi, v / v.norm(dim=1, keepdim=True), y[qi])
+        index.upsert(qi, v, y[qi])
+        sync()
         up_ms.append((time.perf_counter() - t0) * 1e3)
     delta = getattr(index, "delta_size", 0)
     delta_ms = []
     for _ in range(3):
-        qi = torch.randint(0, a.n, (a.batch,), generator=g)
+        qi = torch.randint(0, a.n, (a.batch,), generator=g).to(a.device)
+        sync()
         t0 = time.perf_counter()
         index.search_other_class(x[qi], y[qi], a.k, query_ids=qi)
+        sync()
         delta_ms.append((time.perf_counter() - t0) * 1e3)
     t0 = time.perf_counter()
     index.refresh()
@@ -125,7 +138,9 @@ def main(argv=None) -> dict:
         "index_ms_median": round(med_a, 1), "index_ms_best": round(min(approx_ms), 1),
         "speedup_median": round(med_e / med_a, 2), "speedup_best": round(min(exact_ms) / min(approx_ms), 2),
         "recall_at_1": round(recall, 4),
-        "upsert_ms_median": round(statistics.median(up_ms), 3), "upsert_ms_max": round(max(up_ms), 3),
+        "device": a.device,
+        "upsert_ms_median": round(statistics.median(up_ms), 3) if up_ms else None,
+        "upsert_ms_max": round(max(up_ms), 3) if up_ms else None,
         "delta_rows": delta, "search_with_delta_ms_median": round(statistics.median(delta_ms), 1),
         "data_s": round(t_data, 2), "load_s": round(t_load, 2), "build_s": round(t_build, 2),
         "refresh_s": round(t_refresh, 2), "index_mb": round(index.nbytes() / 2**20, 1),

@@ -23,8 +23,8 @@ STRATEGIES = ("auto", "sharded", "global")
 
 # Sub-quantizer counts accepted by faiss' GPU IVF-PQ.
 GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
-# Fewest points per coarse centroid before faiss (and k-means) get unreliable.
-MIN_POINTS_PER_LIST = 39
+# Fewest points per coarse list by default (k-means runs in torch, not faiss' 39-point rule).
+MIN_POINTS_PER_LIST = 8
 # Classes at or below which "auto" shards by class; above, one global index with a label filter.
 MAX_SHARDED_CLASSES = 32
 
@@ -39,10 +39,18 @@ def default_kind(device: str = "cpu") -> str:
 
 
 def default_nlist(n: int) -> int:
-    """About sqrt(n) coarse lists, a power of two, with at least 39 points per list."""
+    """Coarse lists for n vectors: a power of two near max(sqrt(n), min(256, n / 16)), >= 8 points each.
+
+    sqrt(n) is the usual rule; the second term keeps lists small (16-400 points) for shards up to
+    a few hundred thousand vectors, which on clustered embeddings makes centroids follow the
+    clusters. Measured with benchmarks/probe_mining.py (9 classes, 100 clusters per class, joint
+    probing of 24 lists): recall@1 0.61 -> 0.96 at 20k vectors (nlist 56 -> 128 per class),
+    0.970 -> 0.979 at 100k (128 -> 256), unchanged at 1M (256).
+    """
     if n < 2 * MIN_POINTS_PER_LIST:
         return 1
-    p = 2 ** round(math.log2(math.sqrt(n)))
+    target = max(math.sqrt(n), min(256.0, n / 16))
+    p = 2 ** round(math.log2(target))
     return int(max(1, min(p, n // MIN_POINTS_PER_LIST)))
 
 

@@ -54,9 +54,9 @@ CASES = [
     ("ivf", {}, 0.95),
     ("ivfpq", {}, 0.95),
     ("ivfpq", {"nprobe": 64, "rerank": 64}, 0.99),
-    ("hnsw", {}, 0.9),
-    ("ivf", {"strategy": "global", "nprobe": 16}, 0.8),
-    ("ivfpq", {"strategy": "global", "nprobe": 16}, 0.8),
+    ("hnsw", {}, 0.95),
+    ("ivf", {"strategy": "global", "nprobe": 64}, 0.95),
+    ("ivfpq", {"strategy": "global", "nprobe": 64}, 0.95),
 ]
 
 
