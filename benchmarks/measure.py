@@ -6,6 +6,7 @@ import logging
 import os
 import resource
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -49,6 +50,19 @@ def thread_env() -> dict[str, str]:
     can make small parallel kernels many times slower (a spinning thread waits for a descheduled
     one); OMP_WAIT_POLICY=PASSIVE avoids that, so it is recorded with every figure."""
     return {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
+
+
+def faiss_simd() -> str | None:
+    """Which SIMD build of faiss's library was loaded (faiss picks the best one its wheel ships).
+
+    Read from the loaded modules, without importing faiss: None before faiss was loaded. "generic"
+    means no AVX2/AVX-512 code paths, which slows flat scans and PQ fast-scan a lot."""
+    if "faiss" not in sys.modules:
+        return None
+    for level in ("avx512_spr", "avx512", "avx2", "sve"):
+        if f"faiss.swigfaiss_{level}" in sys.modules:
+            return level
+    return "generic"
 
 
 def available_memory_gb() -> float | None:

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 import faiss_index
 from benchmarks.machine import machine_info
-from benchmarks.measure import (PeakMemory, available_memory_gb, current_rss_mb, load_average, median, thread_env,
-                                timed_ms)
+from benchmarks.measure import (PeakMemory, available_memory_gb, current_rss_mb, faiss_simd, load_average, median,
+                                thread_env, timed_ms)
 from benchmarks.vectors import CHUNK, ClusteredSpec, clustered_vectors, moved, query_rows
 from nil.errors import NilError
 from nil.train import resolve_device
@@ -158,6 +158,7 @@ def run_mining_bench(cfg: MiningBench, command: str | None = None) -> dict:
         del data
         gc.collect()
     result["load_avg_end"] = load_average()
+    result["faiss_simd"] = faiss_simd()
     result["elapsed_s"] = round(time.time() - started, 1)
     from benchmarks.report import mining_goals, write_mining_outputs
 

@@ -47,10 +47,12 @@ def machine_lines(result: dict) -> list[str]:
     m = result["machine"]
     gpu = m.get("gpu")
     gpu_text = f"{gpu['name']} ({gpu['memory_gb']} GiB) x{gpu['count']}" if gpu else "none"
+    simd = f" ({result['faiss_simd']} SIMD build loaded)" if result.get("faiss_simd") else ""
     return [
         f"- machine: {m.get('cpu')}, {m.get('cores')} cores ({m.get('torch_threads')} torch threads), "
         f"{m.get('memory_gb')} GiB RAM, GPU: {gpu_text}",
-        f"- software: Python {m.get('python')}, torch {m.get('torch')}, faiss {m.get('faiss')}, {m.get('platform')}",
+        f"- software: Python {m.get('python')}, torch {m.get('torch')}, faiss {m.get('faiss')}{simd}, "
+        f"{m.get('platform')}",
         f"- load average (1/5/15 min) at start {result.get('load_avg_start')}, at end {result.get('load_avg_end')}"
         " (the machine is shared: other jobs slow every figure)",
         f"- threading environment: {result.get('thread_env') or 'defaults'}",

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 import faiss_index
 from benchmarks.machine import machine_info
-from benchmarks.measure import load_average, median, sync, thread_env
+from benchmarks.measure import faiss_simd, load_average, median, sync, thread_env
 from benchmarks.vectors import ClusteredSpec, iter_chunks, moved
 from nil.config import TrainConfig
 from nil.data import write_synthetic
@@ -158,6 +158,7 @@ def run_train_bench(cfg: TrainBench, command: str | None = None) -> dict:
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
         shutil.rmtree(tmp, ignore_errors=True)
     result["load_avg_end"] = load_average()
+    result["faiss_simd"] = faiss_simd()
     result["elapsed_s"] = round(time.time() - started, 1)
     from benchmarks.report import train_goals, write_train_outputs
 
@@ -236,7 +237,7 @@ def _time_steps(cfg: TrainBench, tcfg: TrainConfig, ds, batches: list, device: t
                 "step_ms_mean": sum(s["step_ms"] for s in steps) / len(steps),
                 "distractor_rate": stats.as_dict()["distractor_rate"], "timed_steps": len(steps)}
     index = miner.index
-    if index is not None and hasattr(index, "refresh"):
+    if isinstance(index, faiss_index.FaissIndex):  # exact search has nothing to rebuild
         start = time.perf_counter()
         index.refresh()
         sync(device)
