@@ -55,7 +55,7 @@ class TrainBench:
     # memory and search
     memory: tuple[int, ...] = (10_000, 100_000, 1_000_000)  # samples in the miner's memory
     anns: tuple[str, ...] = ANNS  # none: within the batch (no memory, run once); exact; faiss
-    faiss_kinds: tuple[str, ...] | None = None  # kinds for --ann faiss; None: the trainer's and the engine's defaults
+    faiss_kinds: tuple[str, ...] | None = None  # kinds for --ann faiss ('auto': the engine's for the device)
     refresh_every: int = TrainConfig.refresh_every  # steps between rebuilds of an approximate index
     mid_refresh: bool = True  # time the steps halfway through a refresh cycle (False: right after a build)
     # steps
@@ -111,12 +111,11 @@ class _TimedBatches:
             self.steps.append({"step_ms": ms, "mining_ms": mining1 - mining0, "upsert_ms": upsert1 - upsert0})
 
 
-def default_faiss_kinds(device: torch.device) -> tuple[str, ...]:
-    """The trainer's default --ann-index and the engine's recommended kind for the device."""
-    kinds = [TrainConfig.ann_index]
-    if hasattr(faiss_index, "default_kind"):
-        kinds.append(faiss_index.default_kind(str(device)))
-    return tuple(k for k in dict.fromkeys(kinds) if k != "exact")
+def resolve_kinds(kinds: tuple[str, ...] | None, device: torch.device) -> tuple[str, ...]:
+    """The kinds to time for --ann faiss: "auto" (and None) become the trainer's resolution for the device."""
+    kinds = kinds or (TrainConfig.ann_index,)
+    auto = faiss_index.default_kind(str(device))
+    return tuple(dict.fromkeys(auto if k == "auto" else k for k in kinds))
 
 
 def run_train_bench(cfg: TrainBench, command: str | None = None) -> dict:
@@ -143,7 +142,7 @@ def run_train_bench(cfg: TrainBench, command: str | None = None) -> dict:
                         "beyond the patch store's; no epoch over N images was trained."),
             "rows": [],
         }
-        kinds = cfg.faiss_kinds or default_faiss_kinds(device)
+        kinds = resolve_kinds(cfg.faiss_kinds, device)
         result["settings"]["faiss_kinds"] = list(kinds)
         plan = [("none", None, None)] if "none" in cfg.anns else []
         for m in cfg.memory:

@@ -100,9 +100,9 @@ def bench_mining(ctx, ns, dim, classes, seed, batch, batches, warmup, device, me
               help="Memory sizes (samples held by the miner), comma-separated.")
 @click.option("--ann", "anns", default="none,exact,faiss", show_default=True,
               help="Distractor sources to time, comma-separated: none, exact, faiss.")
-@click.option("--faiss-index", default=None,
-              help="FAISS kinds timed for --ann faiss, comma-separated [default: the trainer's --ann-index "
-                   "(flat) and the engine's recommended kind for the device].")
+@click.option("--faiss-index", default="auto", show_default=True,
+              help="Index kinds timed for --ann faiss, comma-separated; auto: the engine's default for the device "
+                   "(what `nil train --ann faiss` uses).")
 @click.option("--mid-refresh/--after-build", default=True, show_default=True,
               help="Time FAISS rows halfway through a refresh cycle (the average step), or right after a build.")
 @click.option("--steps", default=20, show_default=True, help="Timed training steps per row.")

@@ -9,6 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import faiss_index
+
 from cli.main import main
 
 MINING_KEYS = {"method", "n", "dim", "batch", "classes", "params", "recall_at_1", "ms_per_batch", "queries_per_s",
@@ -116,7 +118,7 @@ def test_train_bench_times_each_ann(tmp_path):
     assert result.exit_code == 0, result.output
     res = json.loads(out.read_text())
     kinds = res["settings"]["faiss_kinds"]
-    assert kinds[0] == "flat" and len(kinds) >= 1  # the trainer's default, then the engine's for the device
+    assert kinds == [faiss_index.default_kind("cuda" if torch.cuda.is_available() else "cpu")]
     assert [(r["ann"], r["memory"]) for r in res["rows"]] == [("none", None), ("exact", 500)] + [
         ("faiss", 500)] * len(kinds)
     for r in res["rows"]:
