@@ -45,6 +45,9 @@ def parse_args(argv=None):
     g.add_argument("--k", type=int, default=1)
     g.add_argument("--upserts", type=int, default=50, help="streaming upserts timed (and then searched with the delta)")
     g.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave default)")
+    g.add_argument("--train-steps", type=int, default=0,
+                   help="then simulate training: this many steps of search + upsert with --train-refresh-every")
+    g.add_argument("--train-refresh-every", type=int, default=200)
     g = ap.add_argument_group("output")
     g.add_argument("--json", type=Path, default=None)
     return ap.parse_args(argv)
@@ -130,6 +133,29 @@ def main(argv=None) -> dict:
     index.refresh()
     t_refresh = time.perf_counter() - t0
 
+    train = {}
+    if a.train_steps and a.kind != "exact":
+        # Steady state: every step searches a batch and upserts it with moved vectors; the index
+        # refreshes itself every --train-refresh-every steps (its cost lands in that step's upsert).
+        index.refresh_every = a.train_refresh_every
+        index.refresh()
+        step_ms, refreshes = [], 0
+        for _ in range(a.train_steps):
+            qi = torch.randint(0, a.n, (a.batch,), generator=g).to(a.device)
+            v = x[qi] + 0.01 * torch.randn(a.batch, a.dim, generator=g).to(a.device)
+            v = v / v.norm(dim=1, keepdim=True)
+            sync()
+            t0 = time.perf_counter()
+            index.search_other_class(v, y[qi], a.k, query_ids=qi)
+            before = index.last_refresh_s
+            index.upsert(qi, v, y[qi])
+            sync()
+            step_ms.append((time.perf_counter() - t0) * 1e3)
+            refreshes += index.last_refresh_s != before
+        train = {"train_steps": a.train_steps, "train_refresh_every": a.train_refresh_every,
+                 "train_refreshes": refreshes, "train_step_ms_mean": round(statistics.mean(step_ms), 1),
+                 "train_step_ms_median": round(statistics.median(step_ms), 1)}
+
     med_e, med_a = statistics.median(exact_ms), statistics.median(approx_ms)
     out = {
         "n": a.n, "dim": a.dim, "classes": a.classes, "kind": a.kind, "params": index.params,
@@ -144,6 +170,7 @@ def main(argv=None) -> dict:
         "delta_rows": delta, "search_with_delta_ms_median": round(statistics.median(delta_ms), 1),
         "data_s": round(t_data, 2), "load_s": round(t_load, 2), "build_s": round(t_build, 2),
         "refresh_s": round(t_refresh, 2), "index_mb": round(index.nbytes() / 2**20, 1),
+        **train,
     }
     print(json.dumps(out, indent=1))
     if a.json:

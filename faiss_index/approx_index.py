@@ -1,8 +1,8 @@
 """FaissIndex: a streaming approximate index = store + rebuilt faiss structure + exact delta.
 
-Every ``upsert`` writes the store and marks the written rows dirty: their entries in the faiss
-structure (built at the last refresh) are stale, so they are skipped there, and the rows are
-searched exactly (:func:`knn_other_class`) in a small delta buffer instead. Candidates from both
+Every ``upsert`` writes the store and the :class:`DeltaBuffer`: the written rows' entries in the
+faiss structure (built at the last refresh) are stale, so they are skipped there, and the rows
+are searched exactly (:func:`knn_other_class`) in the delta instead. Candidates from both
 are re-ranked with the freshest stored vectors, so a stale structure costs recall, never
 correctness. Every ``refresh_every`` upserts (or on :meth:`refresh` / :meth:`build`) the
 structure is rebuilt from the store and the delta emptied.
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .base import BaseIndex
+from .delta import DeltaBuffer
 from .errors import FaissUnavailableError, IndexInputError
 from .exact import knn_other_class
 from .kinds import FAISS_KINDS, KINDS, MAX_SHARDED_CLASSES, IndexParams
@@ -85,9 +86,7 @@ class FaissIndex(BaseIndex):
             from .sharded import ClassShards
             self.engine = ClassShards(*args, gpus=gpus)
         self._user_params = p
-        self._dirty = torch.zeros(self.store.capacity, dtype=torch.bool, device=self.device)
-        self._delta = torch.empty(1024, dtype=torch.int64, device=self.device)
-        self._n_delta = 0
+        self.delta = DeltaBuffer(dim, self.device)
         self._steps = 0
         self.last_refresh_s: float | None = None
         self._update_params()
@@ -100,10 +99,10 @@ class FaissIndex(BaseIndex):
     @property
     def delta_size(self) -> int:
         """Rows changed since the last build, searched exactly."""
-        return self._n_delta
+        return len(self.delta)
 
     def _delta_rows(self) -> torch.Tensor:
-        return self._delta[: self._n_delta]
+        return self.delta.view()[0]
 
     def upsert(self, ids: Any, vectors: Any, labels: Any) -> torch.Tensor:
         """Write samples to the store and the exact delta; refresh every ``refresh_every`` calls.
@@ -111,23 +110,8 @@ class FaissIndex(BaseIndex):
         ids (B,) int >= 0, vectors (B, D) float, labels (B,) int. Returns (U,) int64 rows written.
         """
         rows = self.store.upsert(ids, vectors, labels, self.num_classes)
-        if self._dirty.shape[0] < self.store.capacity:
-            grown = torch.zeros(self.store.capacity, dtype=torch.bool, device=self.device)
-            grown[: self._dirty.shape[0]] = self._dirty
-            self._dirty = grown
-        fresh = rows[~self._dirty[rows]]
-        self._dirty[rows] = True
-        n = fresh.numel()
-        if n:
-            if self._n_delta + n > self._delta.shape[0]:
-                cap = self._delta.shape[0]
-                while cap < self._n_delta + n:
-                    cap *= 2
-                grown = torch.empty(cap, dtype=torch.int64, device=self.device)
-                grown[: self._n_delta] = self._delta[: self._n_delta]
-                self._delta = grown
-            self._delta[self._n_delta:self._n_delta + n] = fresh
-            self._n_delta += n
+        s = self.store
+        self.delta.write(rows, s.vectors[rows], s.labels[rows], s.ids[rows])
         self._steps += 1
         if self.refresh_every and self._steps >= self.refresh_every:
             self.refresh()
@@ -136,11 +120,9 @@ class FaissIndex(BaseIndex):
     def _restore_delta(self, rows: torch.Tensor, steps: int) -> None:
         """Mark rows (changed since the saved structure was built) dirty again after a load."""
         rows = rows.to(self.device, torch.int64)
-        self._dirty = torch.zeros(self.store.capacity, dtype=torch.bool, device=self.device)
-        self._dirty[rows] = True
-        self._delta = torch.empty(max(1024, rows.numel()), dtype=torch.int64, device=self.device)
-        self._delta[: rows.numel()] = rows
-        self._n_delta = int(rows.numel())
+        self.delta.clear()
+        s = self.store
+        self.delta.write(rows, s.vectors[rows], s.labels[rows], s.ids[rows])
         self._steps = int(steps)
         self._update_params()
 
@@ -149,9 +131,8 @@ class FaissIndex(BaseIndex):
         t0 = time.perf_counter()
         follow_torch_threads(self._faiss)
         vectors, labels, _ = self.store.view()
-        self.engine.build(vectors, labels, changed=self._dirty[: len(self.store)])
-        self._dirty.zero_()
-        self._n_delta = 0
+        self.engine.build(vectors, labels, changed=self.delta.changed(len(self.store)))
+        self.delta.clear()
         self._steps = 0
         self.last_refresh_s = time.perf_counter() - t0
         self._update_params()
@@ -167,7 +148,7 @@ class FaissIndex(BaseIndex):
             dist, cand = self.engine.candidates(xq, yq, same_class, k)
             if cand.shape[1]:
                 cand = cand.to(self.device)
-                stale = (cand >= 0) & self._dirty[cand.clamp_min(0)]
+                stale = (cand >= 0) & self.delta.contains(cand.clamp_min(0))
                 cand = cand.masked_fill(stale, -1)
                 keep = max(self.params.get("rerank", 0), 2 * k)  # as many as one engine call returns
                 if cand.shape[1] > keep:
@@ -175,10 +156,9 @@ class FaissIndex(BaseIndex):
                     j = dist.topk(keep, dim=1, largest=False).indices
                     cand = cand.gather(1, j)
                 parts.append(cand)
-        if self._n_delta and nq:
-            drows = self._delta_rows()
-            _, i = knn_other_class(xq, yq, vectors[drows], labels[drows], k,
-                                   qid=qid, bid=ids[drows] if qid is not None else None,
+        if len(self.delta) and nq:
+            drows, dvec, dlab, did = self.delta.view()
+            _, i = knn_other_class(xq, yq, dvec, dlab, k, qid=qid, bid=did if qid is not None else None,
                                    same_class=same_class)
             parts.append(torch.where(i >= 0, drows[i.clamp_min(0)], i))
         cand = torch.cat(parts, dim=1) if parts else torch.empty(nq, 0, dtype=torch.int64, device=self.device)
@@ -193,9 +173,9 @@ class FaissIndex(BaseIndex):
         return dist, rows
 
     def nbytes(self) -> int:
-        return self.store.nbytes() + self.engine.nbytes() + self._dirty.numel() + self._delta.numel() * 8
+        return self.store.nbytes() + self.engine.nbytes() + self.delta.nbytes()
 
     def __repr__(self) -> str:
         return (f"FaissIndex(kind={self.kind!r}, strategy={self.strategy!r}, dim={self.dim}, "
                 f"num_classes={self.num_classes}, device={str(self.device)!r}, n={len(self)}, "
-                f"delta={self._n_delta})")
+                f"delta={len(self.delta)})")
