@@ -24,11 +24,18 @@ def data():
     return x, y, ids, q, truth
 
 
+_BUILT = {}
+
+
 def built(kind, x, y, ids, **params):
-    index = make_index(kind, DIM, CLASSES, **params)
-    index.upsert(ids, x, y)
-    index.build()
-    return index
+    """Build once per configuration for the whole module (builds dominate this file's time)."""
+    key = (kind, tuple(sorted(params.items())), len(x))
+    if key not in _BUILT:
+        index = make_index(kind, DIM, CLASSES, **params)
+        index.upsert(ids, x, y)
+        index.build()
+        _BUILT[key] = index
+    return _BUILT[key]
 
 
 def recall(res, truth):
