@@ -171,3 +171,26 @@ def test_other_class_search_matches_a_brute_force_model(kind, ops, refresh_every
                 assert r.labels[0, j] == lab and r.vectors[0, j].tolist() == vec
     assert len(index) == len(model)
     assert index.counts() == [sum(1 for _, lab in model.values() if lab == c) for c in range(4)]
+
+
+def test_refresh_reuses_the_codebook_and_re_encodes_changed_rows():
+    from faiss_index.pq import encode_pq, pack_codes
+
+    x, y = base_data(n=2000, seed=5)
+    index = make_index("ivfpq", DIM, 3, refresh_every=0)
+    index.upsert(torch.arange(2000), x, y)
+    index.build()
+    book = index.engine._pq["centroids"]
+    moved = torch.arange(0, 2000, 50)
+    index.upsert(moved, x[moved] + 0.05, y[moved])
+    index.upsert(torch.tensor([5000]), x[:1], y[:1])  # and a new row
+    index.refresh()
+    pq = index.engine._pq
+    assert pq["centroids"] is book  # small drift: the codebook is kept
+    vectors, _, _ = index.store.view()
+    assert (pq["codes"] == pack_codes(encode_pq(vectors, book), 4)).all()
+    # A large drift retrains it.
+    index.upsert(torch.arange(2000), x * 3, y)
+    index.refresh()
+    assert index.engine._pq["centroids"] is not book
+    assert len(index.delta) == 0 and index.delta.rows.shape[0] <= 1 << 17
