@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import shlex
 import sys
 import time
@@ -34,7 +35,7 @@ import faiss_index
 from benchmarks.machine import machine_info
 from benchmarks.measure import (PeakMemory, available_memory_gb, current_rss_mb, faiss_simd, load_average, median,
                                 thread_env, timed_ms)
-from benchmarks.vectors import CHUNK, ClusteredSpec, clustered_vectors, moved, query_rows
+from benchmarks.vectors import CHUNK, ClusteredSpec, clustered_vectors, iter_chunks, moved, query_rows
 from nil.errors import NilError
 from nil.train import resolve_device
 
@@ -47,6 +48,7 @@ SWEEP = (0.5, 2.0, 4.0)  # knob values tried besides the default, as multiples o
 COMPRESSED = ("ivfpq",)  # kinds whose memory per vector is a short code: the only ones run at --large sizes
 LARGE_N = 10_000_000  # the size --large adds
 ID_OFFSET = 10_000  # stored ids are ID_OFFSET + row (small, like real sample ids), so a row/id mix-up shows
+MEMORY_SHARE = 0.85  # skip a row whose estimated memory exceeds this share of what is available
 TIE = 1e-6  # a found neighbour at most this much farther than the true one is a tie, counted as a hit
 
 
@@ -108,15 +110,44 @@ class Method:
 
 @dataclass
 class _Data:
-    """One N: the stored vectors, and the query batches with their true distractors."""
+    """One N: the stored vectors, and the query batches with their true distractors.
 
-    x: torch.Tensor  # (N, d) float32, L2-normalised
+    At the --large size the N vectors are not held (they would double the memory the index
+    needs): ``x`` is None and they are regenerated chunk by chunk from their seed when needed.
+    """
+
     y: torch.Tensor  # (N,) int64
     ids: torch.Tensor  # (N,) int64, ID_OFFSET + row
-    qrows: torch.Tensor  # (warmup + batches, batch) int64 rows of x used as queries
+    qrows: torch.Tensor  # (warmup + batches, batch) int64 rows used as queries
+    xq: torch.Tensor  # (warmup + batches, batch, d) float32 their vectors
+    spec: ClusteredSpec
+    x: torch.Tensor | None = None  # (N, d) float32, L2-normalised; None when streamed
     truth: torch.Tensor | None = None  # (warmup + batches, batch) int64 row of each true distractor, -1: none
     truth_d: torch.Tensor | None = None  # same shape, float32 Euclidean distance to it
     reference_ms: float | None = None  # median ms per batch of the reference knn_other_class
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def chunks(self):
+        """``(start, vectors (rows, d))`` over all N rows in order."""
+        if self.x is not None:
+            for start in range(0, len(self), CHUNK):
+                yield start, self.x[start:start + CHUNK]
+            return
+        for start, xc, _ in iter_chunks(len(self), self.spec):
+            yield start, torch.from_numpy(xc).to(self.y.device)
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Vectors of ``rows`` (any shape of int64 rows >= 0) -> ``(*rows.shape, d)``."""
+        if self.x is not None:
+            return self.x[rows]
+        out = torch.empty(*rows.shape, self.spec.dim, device=self.y.device)
+        flat, dest = rows.reshape(-1), out.view(-1, self.spec.dim)
+        for start, xc in self.chunks():
+            inside = (flat >= start) & (flat < start + len(xc))
+            dest[inside] = xc[flat[inside] - start]
+        return out
 
 
 def approximate_kinds() -> list[str]:
@@ -181,36 +212,56 @@ def _methods(cfg: MiningBench) -> list[Method]:
 
 
 def _make_data(n: int, cfg: MiningBench, device: torch.device) -> _Data:
-    LOG.info("N=%d: generating %d x %d clustered vectors", n, n, cfg.dim)
-    x, y = clustered_vectors(n, cfg.spec, progress=cfg.progress)
-    rows = query_rows(n, cfg.batch, cfg.warmup + cfg.batches, cfg.seed)
-    data = _Data(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device),
-                 torch.arange(n, dtype=torch.int64, device=device) + ID_OFFSET, torch.from_numpy(rows).to(device))
+    rows = torch.from_numpy(query_rows(n, cfg.batch, cfg.warmup + cfg.batches, cfg.seed)).to(device)
+    ids = torch.arange(n, dtype=torch.int64, device=device) + ID_OFFSET
+    if n > max(cfg.ns):  # --large: labels only, vectors regenerated from their seed when needed
+        LOG.info("N=%d: streaming %d x %d clustered vectors (not held in memory)", n, n, cfg.dim)
+        y = torch.cat([torch.from_numpy(yc) for _, _, yc in iter_chunks(n, cfg.spec)]).to(device)
+        data = _Data(y, ids, rows, torch.empty(0), cfg.spec)
+        data.xq = data.rows(rows)
+    else:
+        LOG.info("N=%d: generating %d x %d clustered vectors", n, n, cfg.dim)
+        x, y = (torch.from_numpy(a).to(device) for a in clustered_vectors(n, cfg.spec, progress=cfg.progress))
+        data = _Data(y, ids, rows, x[rows], cfg.spec, x=x)
     _reference(data, cfg, device)
     return data
 
 
 def _reference(data: _Data, cfg: MiningBench, device: torch.device) -> None:
     """True distractor rows and distances of every query, from the reference exact function."""
-    truth, times = [], []
-    for b in tqdm(range(len(data.qrows)), desc=f"reference N={len(data.x):,}", disable=not cfg.progress, leave=False):
-        q = data.qrows[b]
-        ms, (_, rows) = timed_ms(lambda: faiss_index.knn_other_class(
-            data.x[q], data.y[q], data.x, data.y, 1, qid=data.ids[q], bid=data.ids), device)
-        truth.append(rows[:, 0].to(device))
-        if b >= cfg.warmup:
-            times.append(ms)
-    data.truth = torch.stack(truth)
+    n = len(data)
+    if data.x is not None:
+        truth, times = [], []
+        for b in tqdm(range(len(data.qrows)), desc=f"reference N={n:,}", disable=not cfg.progress, leave=False):
+            q = data.qrows[b]
+            ms, (_, rows) = timed_ms(lambda: faiss_index.knn_other_class(
+                data.xq[b], data.y[q], data.x, data.y, 1, qid=data.ids[q], bid=data.ids), device)
+            truth.append(rows[:, 0].to(device))
+            if b >= cfg.warmup:
+                times.append(ms)
+        data.truth = torch.stack(truth)
+        data.reference_ms = median(times)
+    else:  # all query batches against one chunk at a time, keeping the nearest so far
+        xq, yq, qid = data.xq.reshape(-1, cfg.dim), data.y[data.qrows].reshape(-1), data.ids[data.qrows].reshape(-1)
+        best_d = torch.full((len(xq),), float("inf"), device=device)
+        best = torch.full((len(xq),), -1, dtype=torch.int64, device=device)
+        start_t = time.perf_counter()
+        for start, xc in tqdm(data.chunks(), total=math.ceil(n / CHUNK), desc=f"reference N={n:,}",
+                              disable=not cfg.progress, leave=False):
+            sl = slice(start, start + len(xc))
+            d, r = faiss_index.knn_other_class(xq, yq, xc, data.y[sl], 1, qid=qid, bid=data.ids[sl])
+            better = (r[:, 0] >= 0) & (d[:, 0] < best_d)
+            best_d = torch.where(better, d[:, 0], best_d)
+            best = torch.where(better, r[:, 0] + start, best)
+        data.truth = best.reshape(data.qrows.shape)
+        data.reference_ms = (time.perf_counter() - start_t) * 1e3 / len(data.qrows)  # incl. regenerating
     data.truth_d = _distances(data, data.truth)
-    data.reference_ms = median(times)
-    LOG.info("N=%d: reference knn_other_class %.1f ms per batch", len(data.x), data.reference_ms)
+    LOG.info("N=%d: reference knn_other_class %.1f ms per batch", n, data.reference_ms)
 
 
 def _distances(data: _Data, found_rows: torch.Tensor) -> torch.Tensor:
     """Exact Euclidean distance from each query to the stored vector at ``found_rows`` (inf where -1)."""
-    q = data.x[data.qrows]
-    f = data.x[found_rows.clamp(min=0)]
-    d = (q - f).norm(dim=-1)
+    d = (data.xq - data.rows(found_rows.clamp(min=0))).norm(dim=-1)
     return torch.where(found_rows >= 0, d, torch.full_like(d, float("inf")))
 
 
@@ -300,8 +351,9 @@ def _skip_reason(method: Method, n: int, cfg: MiningBench, history: dict[str, di
                 f"linear in N) is over the row budget of {cfg.row_budget_s:.0f} s")
     avail = available_memory_gb()
     est_gb = max(prev["mem_mb"], 0) * scale / 1024
-    if avail is not None and est_gb > 0.7 * avail:
-        return f"estimated {est_gb:.1f} GiB (linear in N) is over 70% of the {avail:.1f} GiB available"
+    if avail is not None and est_gb > MEMORY_SHARE * avail:
+        return (f"estimated {est_gb:.1f} GiB (linear in N) is over {MEMORY_SHARE:.0%} of the {avail:.1f} GiB "
+                "available")
     return None
 
 
@@ -310,7 +362,7 @@ def _batches(data: _Data, cfg: MiningBench, what: str):
 
 
 def _run_index(method: Method, data: _Data, cfg: MiningBench, device: torch.device) -> dict:
-    n = len(data.x)
+    n = len(data)
     with PeakMemory(device) as mem:
         try:
             index = faiss_index.make_index(method.kind, cfg.dim, cfg.classes, device=str(device), **method.overrides)
@@ -320,7 +372,7 @@ def _run_index(method: Method, data: _Data, cfg: MiningBench, device: torch.devi
         found, times = [], []
         for b in _batches(data, cfg, f"{method.key} N={n:,}"):
             q = data.qrows[b]
-            ms, res = timed_ms(lambda: index.search_other_class(data.x[q], data.y[q], 1, query_ids=data.ids[q]),
+            ms, res = timed_ms(lambda: index.search_other_class(data.xq[b], data.y[q], 1, query_ids=data.ids[q]),
                                device)
             got = torch.as_tensor(res.ids)[:, 0].to(device)
             found.append(torch.where(got >= 0, got - ID_OFFSET, got))
@@ -344,10 +396,11 @@ def _run_index(method: Method, data: _Data, cfg: MiningBench, device: torch.devi
 
 def _fill(index, method: Method, data: _Data, cfg: MiningBench):
     """Upsert all N vectors in chunks, then the bulk build where the kind has one; returns the index."""
-    n = len(data.x)
-    for start in tqdm(range(0, n, CHUNK), desc=f"build {method.key}", disable=not cfg.progress, leave=False):
-        sl = slice(start, start + CHUNK)
-        index.upsert(data.ids[sl], data.x[sl], data.y[sl])
+    n = len(data)
+    for start, xc in tqdm(data.chunks(), total=math.ceil(n / CHUNK), desc=f"build {method.key}",
+                          disable=not cfg.progress, leave=False):
+        sl = slice(start, start + len(xc))
+        index.upsert(data.ids[sl], xc, data.y[sl])
     if hasattr(index, "build"):
         index.build()
     return index
@@ -358,7 +411,7 @@ def _upsert_ms(upsert, data: _Data, cfg: MiningBench, device: torch.device) -> f
     times = []
     for b in range(cfg.warmup, len(data.qrows)):
         q = data.qrows[b]
-        new = torch.from_numpy(moved(data.x[q].cpu().numpy(), cfg.seed + b)).to(device)
+        new = torch.from_numpy(moved(data.xq[b].cpu().numpy(), cfg.seed + b)).to(device)
         ms, _ = timed_ms(lambda: upsert(data.ids[q], new, data.y[q]), device)
         times.append(ms)
     return median(times)
@@ -374,15 +427,16 @@ def _mid_refresh(index, data: _Data, cfg: MiningBench, device: torch.device) -> 
     every = getattr(index, "refresh_every", 0) or 0
     done = len(data.qrows) - cfg.warmup  # the upserts timed just before
     rng = torch.Generator().manual_seed(cfg.seed + 4)
-    n = len(data.x)
+    n = len(data)
     for j in range(max(0, every // 2 - done)):
         rows = torch.randperm(n, generator=rng)[: cfg.batch].to(device)
-        new = torch.from_numpy(moved(data.x[rows].cpu().numpy(), cfg.seed + 1000 + j)).to(device)
+        current, _ = index.get(data.ids[rows])  # the workload only: recall is not measured here
+        new = torch.from_numpy(moved(current.cpu().numpy(), cfg.seed + 1000 + j)).to(device)
         index.upsert(data.ids[rows], new, data.y[rows])
     times = []
     for b in range(len(data.qrows)):
         q = data.qrows[b]
-        ms, _ = timed_ms(lambda: index.search_other_class(data.x[q], data.y[q], 1, query_ids=data.ids[q]), device)
+        ms, _ = timed_ms(lambda: index.search_other_class(data.xq[b], data.y[q], 1, query_ids=data.ids[q]), device)
         if b >= cfg.warmup:
             times.append(ms)
     return {"ms_per_batch_mid_refresh": median(times), "delta_rows_mid_refresh": getattr(index, "delta_size", None)}
@@ -401,7 +455,9 @@ def _run_peer(data: _Data, cfg: MiningBench, device: torch.device) -> dict:
         from pytorch_metric_learning.miners import BatchHardMiner
     except ImportError:
         return {"skipped": "pytorch-metric-learning is not installed (pip install 'nil[test]')"}
-    n = len(data.x)
+    n = len(data)
+    if data.x is None:
+        return {"skipped": "the peer needs all N vectors in one dense memory"}
     with PeakMemory(device) as mem:
         start = time.perf_counter()
         xbm = CrossBatchMemory(TripletMarginLoss(), cfg.dim, memory_size=n, miner=BatchHardMiner()).to(device)
@@ -413,7 +469,7 @@ def _run_peer(data: _Data, cfg: MiningBench, device: torch.device) -> dict:
         for b in _batches(data, cfg, f"{PEER} N={n:,}"):
             q = data.qrows[b]
             ms, mined = timed_ms(
-                lambda: xbm.miner(data.x[q], data.y[q], xbm.embedding_memory, xbm.label_memory), device)
+                lambda: xbm.miner(data.xq[b], data.y[q], xbm.embedding_memory, xbm.label_memory), device)
             # BatchHardMiner gives triplets (anchor, positive, negative); pair miners give four tensors
             anchors, negatives = (mined[0], mined[2]) if len(mined) == 3 else (mined[2], mined[3])
             rows = torch.full((len(q),), -1, dtype=torch.int64, device=device)

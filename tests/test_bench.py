@@ -82,9 +82,11 @@ def test_mining_markdown_and_plot(mining):
 
 def test_recall_counts_hits_and_ties_only():
     from benchmarks.mining import _Data, recall_at_1
+    from benchmarks.vectors import ClusteredSpec
 
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-    data = _Data(x=x, y=torch.tensor([0, 1, 1, 1]), ids=torch.arange(4), qrows=torch.tensor([[0]]))
+    data = _Data(y=torch.tensor([0, 1, 1, 1]), ids=torch.arange(4), qrows=torch.tensor([[0]]), xq=x[torch.tensor([[0]])],
+                 spec=ClusteredSpec(dim=2), x=x)
     data.truth = torch.tensor([[1]])
     data.truth_d = torch.tensor([[1.0]])
     assert recall_at_1(data, torch.tensor([[1]])) == 1.0
@@ -150,3 +152,23 @@ def test_bad_options_are_one_clear_sentence_and_write_nothing(tmp_path, args, fr
 def test_bench_commands_explain_themselves(cmd):
     result = CliRunner().invoke(main, cmd + ["--help"])
     assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_large_size_streams_its_vectors_and_finds_the_same_truth(monkeypatch, tmp_path):
+    from benchmarks import mining
+
+    monkeypatch.setattr(mining, "LARGE_N", 3000)
+    monkeypatch.setattr(mining, "CHUNK", 1024)  # several chunks, so the streamed merge is exercised
+    monkeypatch.setattr("benchmarks.vectors.CHUNK", 1024)
+    kw = dict(dim=16, batch=32, batches=2, warmup=1, progress=False, out=str(tmp_path / "m.json"))
+    held = mining._make_data(3000, mining.MiningBench(ns=(3000,), **kw), torch.device("cpu"))
+    streamed = mining._make_data(3000, mining.MiningBench(ns=(2000,), large=True, **kw), torch.device("cpu"))
+    assert streamed.x is None and held.x is not None
+    assert torch.equal(streamed.xq, held.xq) and torch.equal(streamed.truth, held.truth)
+    assert torch.allclose(streamed.truth_d, held.truth_d)
+
+    cfg = mining.MiningBench(ns=(2000,), large=True, methods=("exact-torch", "ivfpq"), sweep=False, **kw)
+    res = mining.run_mining_bench(cfg, command="test")
+    at_large = {r["method"]: r for r in res["rows"] if r["n"] == 3000}
+    assert "skipped" in at_large["exact-torch"]
+    assert at_large["ivfpq"]["recall_at_1"] > 0.5 and at_large["ivfpq"]["ms_per_batch"] > 0
