@@ -6,6 +6,7 @@ import logging
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -63,6 +64,19 @@ def faiss_simd() -> str | None:
         if f"faiss.swigfaiss_{level}" in sys.modules:
             return level
     return "generic"
+
+
+def git_revision(paths: tuple[str, ...] = ("faiss_index", "nil", "benchmarks")) -> dict | None:
+    """The checkout's commit, and whether the code measured (``paths``) differs from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths, ":(exclude)benchmarks/results"],
+                               cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head, "uncommitted": sorted(line[3:] for line in dirty if line.strip())}
 
 
 def available_memory_gb() -> float | None:

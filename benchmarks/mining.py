@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 import faiss_index
 from benchmarks.machine import machine_info
-from benchmarks.measure import (PeakMemory, available_memory_gb, current_rss_mb, faiss_simd, load_average, median,
-                                thread_env, timed_ms)
+from benchmarks.measure import (PeakMemory, available_memory_gb, current_rss_mb, faiss_simd, git_revision,
+                                load_average, median, thread_env, timed_ms)
 from benchmarks.vectors import CHUNK, ClusteredSpec, clustered_vectors, iter_chunks, moved, query_rows
 from nil.errors import NilError
 from nil.train import resolve_device
@@ -174,6 +174,7 @@ def run_mining_bench(cfg: MiningBench, command: str | None = None) -> dict:
         "device": str(device),
         "load_avg_start": load_average(),
         "thread_env": thread_env(),
+        "git": git_revision(),
         "data": {"generator": "benchmarks.vectors.clustered_vectors", **cfg.spec.as_dict(),
                  "ids": f"{ID_OFFSET} + row", "queries": "rows of the data, distinct within a batch, "
                  "searched with their own ids", "upsert": "the batch's ids with moved vectors (vectors.moved)"},

@@ -56,6 +56,9 @@ def machine_lines(result: dict) -> list[str]:
         f"- load average (1/5/15 min) at start {result.get('load_avg_start')}, at end {result.get('load_avg_end')}"
         " (the machine is shared: other jobs slow every figure)",
         f"- threading environment: {result.get('thread_env') or 'defaults'}",
+        f"- code: commit {(result.get('git') or {}).get('commit')}"
+        + (f", uncommitted changes in {', '.join(result['git']['uncommitted'])}"
+           if (result.get("git") or {}).get("uncommitted") else ""),
     ]
 
 

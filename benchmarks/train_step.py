@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 import faiss_index
 from benchmarks.machine import machine_info
-from benchmarks.measure import faiss_simd, load_average, median, sync, thread_env
+from benchmarks.measure import faiss_simd, git_revision, load_average, median, sync, thread_env
 from benchmarks.vectors import ClusteredSpec, iter_chunks, moved
 from nil.config import TrainConfig
 from nil.data import write_synthetic
@@ -135,6 +135,7 @@ def run_train_bench(cfg: TrainBench, command: str | None = None) -> dict:
             "device": str(device),
             "load_avg_start": load_average(),
         "thread_env": thread_env(),
+        "git": git_revision(),
             "settings": {k: v for k, v in asdict(cfg).items() if k != "progress"},
             "prefill": (f"The miner's memory was prefilled with N seeded clustered unit embeddings "
                         f"(benchmarks.vectors, {cfg.embed_dim}-d, {ds.num_classes} classes) under distinct ids and "
