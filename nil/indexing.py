@@ -18,11 +18,10 @@ from PIL import Image, UnidentifiedImageError
 import faiss_index
 from nil.data import make_transform
 from nil.errors import NilError
-from nil.evaluate import load_model
+from nil.evaluate import load_model, open_with_checkpoint
 from nil.loaders import make_loader
-from nil.config import TrainConfig
 from nil.predict import predict
-from nil.train import open_config_dataset, resolve_device
+from nil.train import resolve_device
 
 LOG = logging.getLogger(__name__)
 
@@ -39,17 +38,9 @@ def embed_split(checkpoint: str | Path, data: str | None = None, split: str = "t
                 batch_size: int = 256, device: str = "auto", progress: bool = True) -> dict:
     """Embed one split with a checkpoint: ``vectors`` (N, D) float32, ``labels``, ``ids``, ``keys``, ``classes``."""
     dev = resolve_device(device)
-    model, ckpt = load_model(checkpoint, dev)
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    if data is not None:
-        cfg.data, cfg.format = str(data), fmt
-    ds = open_config_dataset(cfg)
-    spec = ckpt["model_spec"]
-    if ds.num_classes != spec["num_classes"] or ds.channels != spec["in_channels"]:
-        raise NilError(f"{cfg.data} does not match the checkpoint ({ds.num_classes} classes, {ds.channels} "
-                       f"channels; the model expects {spec['num_classes']} and {spec['in_channels']})")
+    model, ckpt, cfg, ds = open_with_checkpoint(checkpoint, data, fmt, dev)
     samples = ds.split(split)
-    loader = make_loader(samples, train=False, cfg=cfg, image_size=spec["image_size"], channels=ds.channels,
+    loader = make_loader(samples, train=False, cfg=cfg, image_size=ckpt["model_spec"]["image_size"], channels=ds.channels,
                          device=dev, batch_size=batch_size)
     p = predict(model, loader, dev, progress=progress, desc=f"embed {split}")
     return {"vectors": p.z, "labels": p.labels, "ids": p.ids, "keys": [str(k) for k in samples.keys],
