@@ -91,6 +91,8 @@ def demo(out, n, epochs, seed, device, progress):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", default=None, type=int, help="Data loader workers [default: 0 on CPU, 4 on CUDA].")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="Training autocast: auto is bf16 on CUDA, fp32 on CPU; bf16 also speeds up AMX CPUs.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 def train(**kw):
     """Train a classifier, optionally with the distractor-aware loss.

@@ -53,6 +53,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     workers: int | None = None  # data loader workers; None: 0 on CPU, 4 on CUDA
     select_metric: str = "accuracy"  # validation metric that picks best.pt
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32 | bf16 force it
+    evaluate_test: bool = True  # False for tuning runs: the test split is never read
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -79,6 +81,7 @@ class TrainConfig:
              and self.val_fraction + self.test_fraction < 1, "split fractions must lie in [0, 1) and sum below 1"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device must be auto, cpu or cuda"),
             (self.select_metric in ("accuracy", "balanced_accuracy", "macro_f1", "auc", "qwk"), "unknown --select-metric"),
+            (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
         ]
         for ok, message in checks:
             if not ok:

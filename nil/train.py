@@ -173,7 +173,9 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
 
     best = torch.load(out / "best.pt", map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
-    test = classification_metrics(*_labels_probs(predict(model, test_loader, device)))
+    test = None  # tuning runs (evaluate_test=False) never read the test split
+    if cfg.evaluate_test:
+        test = classification_metrics(*_labels_probs(predict(model, test_loader, device)))
     result = {"best_epoch": best_epoch, "select_metric": cfg.select_metric, "val": best["val"], "test": test,
               "classes": ds.classes, "epochs": cfg.epochs,
               "train_s": sum(h["epoch_s"] for h in history)}
@@ -203,7 +205,7 @@ def _train_epoch(model, loader, optimizer, scheduler, criterion, miner, cfg: Tra
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
     for x, y, sid in bar:
         x, y, sid = x.to(device, non_blocking=True), y.to(device), sid.to(device)
-        with autocast(device):
+        with autocast(device, cfg.precision):
             out = model(x)
             ce = F.cross_entropy(out.logits.float(), y)
         z = out.z.float()
