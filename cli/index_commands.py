@@ -101,3 +101,24 @@ def index_stats(index_dir, as_json):
     click.echo(f"count  {stats['count']}  dim {stats['dim']}  bytes {stats['bytes']}")
     for c, n in enumerate(stats["counts"]):
         click.echo(f"  class {c}: {n}")
+
+
+@index.command("verify")
+@click.argument("index_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def index_verify(index_dir, as_json):
+    """Check every file of an index folder against its manifest's checksums, then load it.
+
+    Prints one line per file (ok, missing, corrupt, unlisted) and exits with status 1 on any problem.
+    """
+    import faiss_index
+
+    report = faiss_index.verify_index(index_dir)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for f in report["files"]:
+            click.echo(f"{f['status']:>9}  {f['path']}")
+        click.echo(f"index {index_dir}: " + ("ok" if report["ok"] else f"FAILED: {report['error']}"))
+    if not report["ok"]:
+        raise SystemExit(1)

@@ -16,18 +16,18 @@ positives) for batches of embeddings that stream in during training.
 faiss is imported lazily, so everything exact works without it; using a faiss kind without
 faiss raises :class:`FaissUnavailableError` naming the extra to install.
 """
-from .errors import FaissUnavailableError, IndexFormatError, IndexInputError
+from .errors import FaissUnavailableError, IndexFormatError, IndexInputError, IndexWriteError
 from .exact import knn_other_class
 from .exact_index import ExactIndex
 from .approx_index import FaissIndex
 from .factory import make_index
 from .kinds import KINDS, default_kind
-from .persist import index_stats, load_index, save_index
+from .persist import index_stats, load_index, save_index, verify_index
 from .result import SearchResult
 from .store import VectorStore
 
 __all__ = [
-    "IndexInputError", "IndexFormatError", "FaissUnavailableError", "SearchResult", "VectorStore",
+    "IndexInputError", "IndexFormatError", "IndexWriteError", "FaissUnavailableError", "SearchResult", "VectorStore",
     "knn_other_class", "ExactIndex", "FaissIndex", "make_index", "KINDS", "default_kind",
-    "save_index", "load_index", "index_stats",
+    "save_index", "load_index", "index_stats", "verify_index",
 ]

@@ -1,7 +1,7 @@
 """Errors a user of the index can cause, each ending in one clear sentence."""
 from __future__ import annotations
 
-__all__ = ["IndexInputError", "IndexFormatError", "FaissUnavailableError"]
+__all__ = ["IndexInputError", "IndexFormatError", "IndexWriteError", "FaissUnavailableError"]
 
 
 class IndexInputError(ValueError):
@@ -10,6 +10,13 @@ class IndexInputError(ValueError):
 
 class IndexFormatError(ValueError):
     """A saved index that is missing, mismatched with its manifest, or corrupt."""
+
+
+class IndexWriteError(IndexFormatError, OSError):
+    """Writing an index failed (a full disk, no permission); the previous index is left as it was.
+
+    Both an IndexFormatError (reported like every index error) and an OSError (what it wraps).
+    """
 
 
 class FaissUnavailableError(ImportError):

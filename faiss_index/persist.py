@@ -3,14 +3,17 @@
 Layout of ``out_dir``::
 
     manifest.json        format_version, dim, metric, classes, counts, kind, params, files{path: sha256}, ...
+    manifest.sha256      sha256 of manifest.json's bytes (a bit flip in the manifest is caught too)
     embeddings.zarr/     vectors (N, D) float32, labels (N,), ids (N,), keys (N,) str, delta_rows
     structure/           faiss files of the approximate structure (CPU copies of GPU indexes)
 
 Rows are saved in store order, so faiss ids (store rows) stay valid and a loaded index answers
 exactly like the saved one, delta included. The writer builds everything in a temporary folder
 beside ``out_dir``, fsyncs it, then swaps it in with renames: a crash leaves the previous index or
-none, never a half one. The reader checks the manifest, every file's checksum and the array
-shapes, and refuses anything else with :class:`IndexFormatError`.
+none, never a half one; a failed write (a full disk) raises :class:`IndexWriteError` and leaves
+the previous index as it was. The reader checks the manifest's own checksum, every file's
+checksum, that no file is present that the manifest does not list, and the array shapes, and
+refuses anything else with :class:`IndexFormatError`. :func:`verify_index` reports per file.
 """
 from __future__ import annotations
 
@@ -28,14 +31,15 @@ import numpy as np
 import torch
 
 from .base import BaseIndex
-from .errors import IndexFormatError, IndexInputError
+from .errors import IndexFormatError, IndexInputError, IndexWriteError
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["save_index", "load_index", "index_stats", "FORMAT_VERSION"]
+__all__ = ["save_index", "load_index", "index_stats", "verify_index", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_SUM = "manifest.sha256"
 EMBEDDINGS = "embeddings.zarr"
 STRUCTURE = "structure"
 REQUIRED_KEYS = ("format_version", "dim", "metric", "classes", "counts", "count", "kind", "params",
@@ -104,16 +108,20 @@ def save_index(index: BaseIndex, out_dir: str | Path, *, classes: list[str], key
         }
         manifest["files"] = {rel: _sha256(tmp / rel) for rel in _files_under(tmp)}
         _write_json(tmp / MANIFEST, manifest)
+        (tmp / MANIFEST_SUM).write_text(_sha256(tmp / MANIFEST) + "\n", encoding="utf-8")
         _fsync_tree(tmp)
         if out.exists():
             os.rename(out, old)
             moved_old = True
         os.rename(tmp, out)
         _fsync_dir(out.parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if moved_old and not out.exists():
             os.rename(old, out)
+        if isinstance(exc, OSError):
+            kept = "the previous index is unchanged" if out.exists() else "nothing was written"
+            raise IndexWriteError(f"cannot write the index to {out} ({exc.strerror or exc}); {kept}.") from exc
         raise
     if moved_old:
         shutil.rmtree(old, ignore_errors=True)
@@ -252,16 +260,89 @@ def _read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def _verify_files(folder: Path, manifest: dict) -> None:
+def _check_manifest_sum(folder: Path) -> str:
+    """'ok', or 'unchecked' for a folder written before manifest.sha256 existed; raises if it differs."""
+    sum_path = folder / MANIFEST_SUM
+    if not sum_path.is_file():
+        LOG.warning("%s has no %s (written by an older nil): the manifest itself is not checksummed",
+                    folder, MANIFEST_SUM)
+        return "unchecked"
+    try:
+        expected = sum_path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        expected = ""
+    if _sha256(folder / MANIFEST) != expected:
+        raise IndexFormatError(f"{folder / MANIFEST} is corrupt (it does not match {MANIFEST_SUM}).")
+    return "ok"
+
+
+def _file_statuses(folder: Path, manifest: dict) -> list[tuple[str, str]]:
+    """(path, status) for every listed file (ok, missing, corrupt) and every unlisted one (unlisted)."""
     files = manifest["files"]
     if not isinstance(files, dict) or not files:
         raise IndexFormatError(f"{folder / MANIFEST} lists no files.")
+    out = []
     for rel, digest in sorted(files.items()):
         p = folder / rel
         if ".." in Path(rel).parts or not p.is_file():
+            out.append((rel, "missing"))
+        else:
+            out.append((rel, "ok" if _sha256(p) == digest else "corrupt"))
+    # An extra file can change what zarr or faiss read (e.g. a chunk zarr skipped as all-fill).
+    for rel in _files_under(folder):
+        if rel not in files and rel not in (MANIFEST, MANIFEST_SUM):
+            out.append((rel, "unlisted"))
+    return out
+
+
+def _verify_files(folder: Path, manifest: dict) -> None:
+    for rel, status in _file_statuses(folder, manifest):
+        if status == "missing":
             raise IndexFormatError(f"index file {rel} listed in the manifest is missing from {folder}.")
-        if _sha256(p) != digest:
+        if status == "corrupt":
             raise IndexFormatError(f"index file {rel} in {folder} is corrupt (checksum mismatch).")
+        if status == "unlisted":
+            raise IndexFormatError(f"{folder} holds {rel}, which its manifest does not list; "
+                                   "the folder was altered after it was written.")
+
+
+def verify_index(index_dir: str | Path) -> dict:
+    """Check an index folder without trusting any of it; never raises for a bad folder.
+
+    Returns ``{"ok": bool, "files": [{"path", "status"}], "error": str | None}``: status is ok,
+    missing, corrupt or unlisted per file (manifest.json: ok, corrupt or unchecked), then, when
+    every file is sound, the result of a full :func:`load_index` (shapes, counts, structure).
+    """
+    folder = Path(index_dir)
+    report: dict = {"ok": False, "files": [], "error": None}
+    manifest_path = folder / MANIFEST
+    try:
+        status = _check_manifest_sum(folder) if manifest_path.is_file() else "missing"
+    except IndexFormatError as e:
+        status, report["error"] = "corrupt", str(e)
+    report["files"].append({"path": MANIFEST, "status": status})
+    if status in ("missing", "corrupt"):
+        report["error"] = report["error"] or (f"index folder {folder} does not exist." if not folder.is_dir()
+                                              else f"{folder} is not an index folder: {MANIFEST} is missing.")
+        return report
+    try:
+        manifest = _read_manifest(folder)
+        statuses = _file_statuses(folder, manifest)
+    except IndexFormatError as e:
+        report["error"] = str(e)
+        return report
+    report["files"] += [{"path": rel, "status": st} for rel, st in statuses]
+    bad = [f for f in report["files"] if f["status"] not in ("ok", "unchecked")]
+    if bad:
+        report["error"] = f"{len(bad)} file(s) of {folder} are {', '.join(sorted({f['status'] for f in bad}))}."
+        return report
+    try:
+        load_index(folder)
+    except (IndexFormatError, IndexInputError) as e:
+        report["error"] = str(e)
+        return report
+    report["ok"] = True
+    return report
 
 
 def load_index(index_dir: str | Path, device: str | torch.device = "cpu") -> tuple[BaseIndex, dict]:
@@ -275,6 +356,8 @@ def load_index(index_dir: str | Path, device: str | torch.device = "cpu") -> tup
     from .factory import make_index  # noqa: PLC0415 - avoids an import cycle
 
     folder = Path(index_dir)
+    if folder.is_dir() and (folder / MANIFEST).is_file():
+        _check_manifest_sum(folder)
     manifest = _read_manifest(folder)
     _verify_files(folder, manifest)
     dim, counts, n = manifest["dim"], manifest["counts"], manifest["count"]

@@ -13,7 +13,26 @@ import torch
 from nil.errors import NilError
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    """Write through a temp file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
+
+    On any failure (a full disk included) the temp file is removed and ``path`` is left as it was;
+    an OSError becomes a NilError naming the file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -23,9 +42,25 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_dir(path.parent)
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) or isinstance(exc.__cause__, OSError) or _is_write_error(exc):
+            kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+            raise NilError(f"cannot write {path} ({_reason(exc)}); {kept}") from exc
         raise
+
+
+def _is_write_error(exc: BaseException) -> bool:
+    # torch.save reports a failed write of its zip container as a RuntimeError naming the writer
+    return isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in str(exc) or "file write failed" in str(exc))
+
+
+def _reason(exc: BaseException) -> str:
+    err = exc if isinstance(exc, OSError) else exc.__cause__ if isinstance(exc.__cause__, OSError) else None
+    if err is not None and err.strerror:
+        return err.strerror
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

@@ -148,16 +148,21 @@ def saved(pristine, tmp_path):
     return Path(shutil.copytree(pristine, tmp_path / "idx"))
 
 
+def write_manifest_text(folder, text):
+    """Replace manifest.json and re-seal it, so the checks behind its checksum are exercised."""
+    (folder / "manifest.json").write_text(text)
+    (folder / "manifest.sha256").write_text(persist._sha256(folder / "manifest.json"))
+
+
 def edit_manifest(folder, **changes):
-    path = folder / "manifest.json"
-    m = json.loads(path.read_text())
+    m = json.loads((folder / "manifest.json").read_text())
     m.update(changes)
-    path.write_text(json.dumps(m))
+    write_manifest_text(folder, json.dumps(m))
 
 
 @pytest.mark.parametrize("damage, match", [
     (lambda f: (f / "manifest.json").unlink(), "manifest.json is missing"),
-    (lambda f: (f / "manifest.json").write_text("{not json"), "not valid JSON"),
+    (lambda f: write_manifest_text(f, "{not json"), "not valid JSON"),
     (lambda f: edit_manifest(f, format_version=99), "format_version 99"),
     (lambda f: edit_manifest(f, dim=32), "dim 32"),
     (lambda f: edit_manifest(f, counts=[1, 2, 3]), "counts sum to 6"),
