@@ -67,3 +67,48 @@ class ChunkShuffleSampler(Sampler[int]):
         order = self.order()
         self.epoch += 1
         return iter(order.tolist())
+
+
+class GlobalBatchSlices(Sampler[int]):
+    """One rank's slice of every global batch of another sampler: the data side of DDP.
+
+    ``base`` (the single-process sampler, built with the same seed on every rank) gives each
+    epoch's order; it is cut into global batches of ``batch_size`` and rank r takes positions
+    ``[r*b, (r+1)*b)`` of each, ``b = batch_size // world_size`` (the per-rank batch: load with
+    ``batch_size=b``). At every step the ranks together train on exactly the batch one process
+    would, and every sample once per epoch. A last partial global batch is dropped with
+    ``drop_last``, else split as evenly as possible (dropped too when it has fewer samples than
+    ranks, so that every rank takes the same number of steps).
+    """
+
+    def __init__(self, base: Sampler, rank: int, world_size: int, batch_size: int, drop_last: bool):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        if batch_size % world_size:
+            raise ValueError(f"the global batch {batch_size} does not divide over {world_size} processes")
+        self.base, self.rank, self.world_size = base, rank, world_size
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.per_rank = batch_size // world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def _tail(self, n: int) -> int:
+        tail = n % self.batch_size
+        return 0 if self.drop_last or tail < self.world_size else tail
+
+    def __len__(self) -> int:
+        n = len(self.base)
+        tail = self._tail(n)
+        return (n // self.batch_size) * self.per_rank + (len(np.array_split(np.arange(tail), self.world_size)[self.rank])
+                                                          if tail else 0)
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.fromiter(iter(self.base), dtype=np.int64)
+        full = len(order) // self.batch_size
+        mine = order[: full * self.batch_size].reshape(full, self.world_size, self.per_rank)[:, self.rank].ravel()
+        tail = self._tail(len(order))
+        if tail:
+            mine = np.concatenate([mine, np.array_split(order[len(order) - tail:], self.world_size)[self.rank]])
+        return iter(mine.tolist())
