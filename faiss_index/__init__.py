@@ -20,6 +20,7 @@ from .errors import FaissUnavailableError, IndexFormatError, IndexInputError, In
 from .exact import knn_other_class
 from .exact_index import ExactIndex
 from .approx_index import FaissIndex
+from .distributed import DistributedIndex, owned_share
 from .factory import make_index
 from .kinds import KINDS, default_kind
 from .persist import index_stats, load_index, save_index, verify_index
@@ -29,5 +30,5 @@ from .store import VectorStore
 __all__ = [
     "IndexInputError", "IndexFormatError", "IndexWriteError", "FaissUnavailableError", "SearchResult", "VectorStore",
     "knn_other_class", "ExactIndex", "FaissIndex", "make_index", "KINDS", "default_kind",
-    "save_index", "load_index", "index_stats", "verify_index",
+    "save_index", "load_index", "index_stats", "verify_index", "DistributedIndex", "owned_share",
 ]

@@ -40,9 +40,27 @@ from .validate import as_ids, as_labels, as_vectors, check_k, check_same_length
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["DistributedIndex", "merge_topk"]
+__all__ = ["DistributedIndex", "merge_topk", "owned_share"]
 
 _NO_ID = torch.iinfo(torch.int64).max  # stands for "no query id": never a stored sample id
+
+
+def owned_share(index: Any, construct: dict, group: dist.ProcessGroup | None = None) -> Any:
+    """This rank's share of a whole index (e.g. one loaded from a folder on every rank).
+
+    A new index of the same kind, made with ``construct`` (the manifest's ``construct``
+    arguments), holding the rows with ``id % world_size == rank``: the shard that
+    :meth:`DistributedIndex.upsert` keeps up to date afterwards.
+    """
+    from .factory import make_index
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    vectors, labels, ids = index.store.view()
+    mine = ids % world == rank
+    local = make_index(index.kind, index.dim, index.num_classes, device=index.device, **construct)
+    local.upsert(ids[mine], vectors[mine], labels[mine])
+    local.build()
+    return local
 
 
 def merge_topk(distances: torch.Tensor, ids: torch.Tensor, k: int, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -126,22 +126,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
+def wrap_model(model: nn.Module, device: torch.device, find_unused: bool = True) -> nn.Module:
     """The module to train with: ``model`` itself in one process, else DDP around it.
 
-    Under DDP the BatchNorm layers are converted to SyncBatchNorm *in place of* ``model``'s own
-    (so ``model`` stays the unwrapped network for saving, evaluation and the gradient distractor):
-    statistics over the global batch, as one process with the same global batch computes them.
-    ``find_unused_parameters`` is on because the projection head gets no gradient while the
-    distractor term is off (cross-entropy runs and warm-up epochs).
+    On CUDA the BatchNorm layers are converted to SyncBatchNorm *inside* ``model`` (so ``model``
+    stays the unwrapped network for saving, evaluation and the gradient distractor): statistics
+    over the global batch, as one process with the same global batch computes them. PyTorch's
+    SyncBatchNorm runs on GPUs only, so on the CPU (gloo) each rank normalises with the
+    statistics of its own slice of the batch. ``find_unused``: some parameters may get no
+    gradient in a step (the projection head while the distractor term is off: cross-entropy
+    runs, warm-up epochs), which DDP must be told.
     """
     if not context().distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    _convert_sync_bn(model)
+    if device.type == "cuda":
+        _convert_sync_bn(model)
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -155,3 +158,23 @@ def _convert_sync_bn(model: nn.Module) -> None:
         converted = nn.SyncBatchNorm.convert_sync_batchnorm(child)
         if converted is not child:
             setattr(model, name, converted)
+
+
+def sum_fields(obj: Any, names: tuple[str, ...], device: torch.device | str = "cpu") -> Any:
+    """``obj`` with the numeric attributes ``names`` summed over every rank (a collective)."""
+    if not context().distributed:
+        return obj
+    total = sum_over_ranks([float(getattr(obj, n)) for n in names], device)
+    for n, v in zip(names, total):
+        setattr(obj, n, type(getattr(obj, n))(v))
+    return obj
+
+
+def per_rank_batch(global_batch: int, world_size: int) -> int:
+    """The batch each of ``world_size`` processes loads; ``--batch-size`` is the global batch."""
+    from nil.errors import NilError
+
+    if global_batch % world_size:
+        raise NilError(f"--batch-size {global_batch} is the global batch and must divide evenly over "
+                       f"{world_size} processes")
+    return global_batch // world_size

@@ -49,15 +49,23 @@ class DistractorMiner:
         need_positive: bool = False,
         audit_every: int = 0,
         index=None,
+        shard=None,
     ):
         self.ann, self.need_positive, self.audit_every = ann, need_positive, audit_every
+        self.num_classes = num_classes
         self.index = index  # a prebuilt index (e.g. `nil train --index-from`), else made here
         if index is None and ann == "exact":
             self.index = faiss_index.ExactIndex(dim, num_classes, device=device)
         elif index is None and ann == "faiss":
             self.index = faiss_index.make_index(kind, dim, num_classes, device=device, refresh_every=refresh_every)
+        # Several processes: `shard` (faiss_index.DistributedIndex) turns a local index into this
+        # rank's shard of one index searched by all ranks; the memory and the batch are global.
+        self.shard = shard
+        if shard is not None and self.index is not None:
+            self.index = shard(self.index)
         self.steps = 0
-        self.timings = {"mining_ms": 0.0, "upsert_ms": 0.0, "refresh_s": 0.0, "audits": 0, "audit_hits": 0}
+        self.timings = {"mining_ms": 0.0, "upsert_ms": 0.0, "refresh_s": 0.0, "audits": 0, "audit_hits": 0,
+                        "comm_bytes": 0}
 
     def reset_timings(self) -> dict:
         """Return the timings gathered since the last reset, averaged per step."""
@@ -67,6 +75,9 @@ class DistractorMiner:
             "upsert_ms_per_step": t["upsert_ms"] / steps,
             "refresh_s": t["refresh_s"],
         }
+        if self.shard is not None:  # bytes this rank sent for the search (queries out, top-k back)
+            sent = t["comm_bytes"] + (self.index.take_bytes_sent() if self.index is not None else 0)
+            out["comm_bytes_per_step"] = sent / steps
         if t["audits"]:
             out["audit_recall_at_1"] = t["audit_hits"] / t["audits"]
         self.timings = {k: 0 for k in t}
@@ -91,6 +102,8 @@ class DistractorMiner:
         return mined
 
     def _mine_in_batch(self, z: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> Mined:
+        if self.shard is not None:
+            return self._mine_in_global_batch(z, labels, ids)
         _, rows = knn_other_class(z, labels, z, labels, 1, qid=ids, bid=ids)
         rows = rows[:, 0]
         valid = rows >= 0
@@ -102,8 +115,26 @@ class DistractorMiner:
             mined.positive, mined.positive_valid = z[prow.clamp(min=0)], prow >= 0
         return mined
 
+    def _mine_in_global_batch(self, z: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> Mined:
+        """``--ann none`` with several processes: the batch is every rank's slice of the global batch."""
+        batch = self.shard(faiss_index.ExactIndex(z.shape[1], self.num_classes, device=z.device))
+        batch.upsert_local(ids, z, labels)
+        res = batch.search_other_class(z, labels, 1, query_ids=ids, return_vectors=True)
+        mined = Mined(res.vectors[:, 0].to(z.dtype), res.ids[:, 0] >= 0, res.ids[:, 0])
+        if self.need_positive:
+            pos = batch.search_same_class(z, labels, 1, query_ids=ids, return_vectors=True)
+            mined.positive, mined.positive_valid = pos.vectors[:, 0].to(z.dtype), pos.ids[:, 0] >= 0
+        self.timings["comm_bytes"] += batch.take_bytes_sent()
+        return mined
+
     def _audit(self, z: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, found: torch.Tensor) -> None:
         """Recall@1 of the approximate answer against the exact engine over the same memory."""
+        if hasattr(self.index, "exact_other_class"):  # sharded: the exact engine over every rank's shard
+            truth = self.index.exact_other_class(z, labels, 1, query_ids=ids).ids[:, 0]
+            has = truth >= 0
+            self.timings["audits"] += int(has.sum())
+            self.timings["audit_hits"] += int((found.to(truth.device)[has] == truth[has]).sum())
+            return
         store = self.index.store
         n = len(store)
         if n == 0:

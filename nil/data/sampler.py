@@ -94,6 +94,11 @@ class GlobalBatchSlices(Sampler[int]):
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
 
+    @property
+    def generator(self):
+        """The base sampler's torch.Generator, if it has one (its state is the order's state)."""
+        return getattr(self.base, "generator", None)
+
     def _tail(self, n: int) -> int:
         tail = n % self.batch_size
         return 0 if self.drop_last or tail < self.world_size else tail
