@@ -15,7 +15,7 @@ DATA_FORMATS = ["medmnist", "folder", "csv", "zarr"]
 def _data_options(f):
     """Options shared by every command that reads a dataset."""
     options = [
-        click.option("--data", "data", required=True, type=click.Path(),
+        click.option("--data", "data", default=None, type=click.Path(),
                      help="A MedMNIST .npz, a class-per-folder image tree, a CSV manifest or a zarr patch store."),
         click.option("--format", "fmt", type=click.Choice(DATA_FORMATS), default=None,
                      help="Force the reader instead of detecting it from the path."),
@@ -56,7 +56,13 @@ def demo(out, n, epochs, seed, device, progress):
 
 @main.command()
 @_data_options
-@click.option("--out", required=True, type=click.Path(), help="Run folder to create (must not exist or be empty).")
+@click.option("--out", default="", type=click.Path(), help="Run folder to create (must not exist or be empty).")
+@click.option("--resume", "resume_dir", default=None, type=click.Path(),
+              help="Continue the interrupted run in this folder from its last.pt, exactly as configured there.")
+@click.option("--checkpoint-every", default=0, show_default=True,
+              help="Also write a resumable last.pt every N optimiser steps (0: at epoch ends only).")
+@click.option("--on-bad-image", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
+              help="An unreadable image file: fail naming it, or skip it (listed in RUN_DIR/skipped_images.json).")
 @click.option("--model", default="resnet18", show_default=True,
               type=click.Choice(["small_cnn", "resnet18", "resnet50", "densenet121", "efficientnet_b0"]))
 @click.option("--weights", default=None, type=click.Path(), help="Local state dict to start from (nothing is downloaded).")
@@ -98,15 +104,39 @@ def train(**kw):
     """Train a classifier, optionally with the distractor-aware loss.
 
     Writes RUN_DIR/config.json, splits.json, metrics.jsonl (per epoch), last.pt, best.pt (best
-    validation epoch) and metrics.json (test metrics of best.pt).
+    validation epoch) and metrics.json (test metrics of best.pt). `--resume RUN_DIR` continues a
+    run that was interrupted (killed, out of disk) from its last.pt.
+
+    Scales out under `torchrun --nproc-per-node N [--nnodes M ...] -m cli train ...`
+    (DistributedDataParallel; the distractor memory sharded over the processes): --batch-size is
+    then the global batch, split evenly over the processes, and rank 0 writes the run folder.
     """
     from nil.config import TrainConfig
+    from nil.distributed import is_main
     from nil.train import train as run_train
 
+    resume_dir = kw.pop("resume_dir")
+    if resume_dir is not None:
+        from nil.resume import load_run_config
+
+        ctx = click.get_current_context()
+        given = [name for name in kw if name != "progress"
+                 and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--resume continues the run exactly as configured in {resume_dir}/config.json; "
+                                   f"drop --{given[0].replace('_', '-')}")
+        cfg = load_run_config(resume_dir)
+        cfg.progress = kw["progress"]
+        result = run_train(cfg, resume=True)
+        click.echo(metrics_table({"test": result["test"], "val": result["val"]}))
+        click.echo(f"\nbest epoch {result['best_epoch']} by val {result['select_metric']}; run folder: {resume_dir}")
+        return
     if kw["csv_label_cols"]:
         kw["csv_label_cols"] = [c.strip() for c in kw["csv_label_cols"].split(",") if c.strip()]
     kw["format"] = kw.pop("fmt")
     result = run_train(TrainConfig(**kw))
+    if not is_main():  # under torchrun, rank 0 alone reports
+        return
     click.echo(metrics_table({"test": result["test"], "val": result["val"]}))
     click.echo(f"\nbest epoch {result['best_epoch']} by val {result['select_metric']}; run folder: {kw['out']}")
 

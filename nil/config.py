@@ -24,6 +24,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # seeded stratified split, where the data has no splits of its own
     test_fraction: float = 0.2
     image_size: int | None = None  # None: the data's own size (224 for image files of mixed size)
+    on_bad_image: str = "fail"  # image files are decoded once before training; fail: name the first bad one; skip: leave them out
     # model
     model: str = "resnet18"
     embed_dim: int = 128  # width of the L2-normalised embedding z
@@ -53,6 +54,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     workers: int | None = None  # data loader workers; None: 0 on CPU, 4 on CUDA
     select_metric: str = "accuracy"  # validation metric that picks best.pt
+    checkpoint_every: int = 0  # optimiser steps between resumable last.pt writes inside an epoch (0: epoch ends only)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32 | bf16 force it
     evaluate_test: bool = True  # False for tuning runs: the test split is never read
     progress: bool = True
@@ -80,6 +82,8 @@ class TrainConfig:
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
              and self.val_fraction + self.test_fraction < 1, "split fractions must lie in [0, 1) and sum below 1"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device must be auto, cpu or cuda"),
+            (self.on_bad_image in ("fail", "skip"), "--on-bad-image must be fail or skip"),
+            (self.checkpoint_every >= 0, "--checkpoint-every must be non-negative"),
             (self.select_metric in ("accuracy", "balanced_accuracy", "macro_f1", "auc", "qwk"), "unknown --select-metric"),
             (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
         ]

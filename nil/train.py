@@ -6,7 +6,8 @@ run folder that reproduces it:
     RUN_DIR/config.json    the full resolved configuration
     RUN_DIR/splits.json    the sample ids of each split
     RUN_DIR/metrics.jsonl  one line per epoch: loss parts, validation metrics, mining timings
-    RUN_DIR/last.pt        the latest model and optimiser state
+    RUN_DIR/last.pt        the latest model, optimiser, scheduler, RNG and loop state (resumable, nil.resume)
+    RUN_DIR/memory-<step>/ the distractor memory last.pt was written with (--ann exact|faiss)
     RUN_DIR/best.pt        the epoch with the best validation metric
     RUN_DIR/metrics.json   best epoch, its validation metrics and the test metrics of best.pt
 """
@@ -17,7 +18,6 @@ import json
 import logging
 import random
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +27,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import faiss_index
+from nil import distributed
 from nil.checkpoint import save_json, save_torch
 from nil.config import TrainConfig
 from nil.data import CsvOptions, open_dataset
 from nil.data.base import Dataset
+from nil.data.screen import screen_images
 from nil.errors import NilError
 from nil.losses import DistractorLoss
 from nil.loaders import make_loader
@@ -38,6 +40,7 @@ from nil.metrics import classification_metrics, summary
 from nil.mining import DistractorMiner, gradient_distractor
 from nil.models import build_model
 from nil.predict import autocast, predict
+from nil.resume import Checkpointer, check_same_data, write_run_config
 
 LOG = logging.getLogger(__name__)
 
@@ -92,45 +95,68 @@ class _StepStats:
     def as_dict(self) -> dict:
         n = max(self.seen, 1)
         return {"loss": self.loss / n, "loss_ce": self.loss_ce / n, "loss_distractor": self.loss_distractor / n,
-                "distractor_rate": self.with_distractor / n, "accuracy": self.correct / n}
+                "distractor_rate": self.with_distractor / n, "accuracy": self.correct / n, "samples": self.seen}
 
 
 def _prepare_out(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
+    taken = out.exists() and any(out.iterdir())
+    distributed.barrier()  # every rank has looked before rank 0 creates the folder
+    if taken:
         raise NilError(f"run folder {out} already exists and is not empty; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    distributed.on_main(out.mkdir, parents=True, exist_ok=True)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train, validate every epoch, test ``best.pt`` once; returns the content of ``metrics.json``."""
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train, validate every epoch, test ``best.pt`` once; returns the content of ``metrics.json``.
+
+    resume: continue the run in ``cfg.out`` from its ``last.pt`` (cfg from
+    :func:`nil.resume.load_run_config`); see :mod:`nil.resume`.
+    """
     cfg.validate()
     device = resolve_device(cfg.device)
+    ctx, device = distributed.setup(device)  # torchrun: join the process group, take cuda:LOCAL_RANK
+    distributed.per_rank_batch(cfg.batch_size, ctx.world_size)
+    if resume and ctx.distributed:
+        raise NilError("--resume runs in one process for now; resume without torchrun")
     seed_everything(cfg.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     ds = open_config_dataset(cfg)  # all data errors surface before anything is written
+    ds = screen_images(ds, cfg.on_bad_image, progress=cfg.progress)
     image_size = cfg.image_size or ds.image_size or 224
     out = Path(cfg.out)
-    _prepare_out(out)
+    if resume:
+        check_same_data(out, ds.split_record())
+    else:
+        _prepare_out(out)
     try:
-        return _train(cfg, ds, image_size, device, out)
+        return _train(cfg, ds, image_size, device, out, resume)
     except BaseException:
         if not (out / "last.pt").exists():  # nothing worth keeping: leave no half-made run folder
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device, out: Path) -> dict:
+def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device, out: Path,
+           resume: bool = False) -> dict:
     spec = model_spec(cfg, ds, image_size)
     kind = faiss_index.default_kind(str(device)) if cfg.ann_index == "auto" else cfg.ann_index
     resolved = cfg.to_dict() | {"resolved": {"device": str(device), "image_size": image_size, "ann_index": kind,
                                              "classes": ds.classes, "format": ds.format,
                                              "split_origin": ds.split_origin, "torch": torch.__version__}}
-    save_json(resolved, out / "config.json")
-    save_json(ds.split_record(), out / "splits.json")
+    ctx = distributed.context()
+    resolved["resolved"] |= {"world_size": ctx.world_size,
+                             "batch_per_rank": distributed.per_rank_batch(cfg.batch_size, ctx.world_size)}
+    if not resume and ctx.is_main:
+        write_run_config(out, resolved, ds.split_record())
+        if "skipped_images" in ds.info:
+            save_json(ds.info["skipped_images"], out / "skipped_images.json")
 
     model = build_model(cfg.model, ds.num_classes, ds.channels, image_size, cfg.embed_dim, cfg.weights).to(device)
-    train_loader = make_loader(ds.train, train=True, cfg=cfg, image_size=image_size, channels=ds.channels, device=device)
+    trainee = distributed.wrap_model(model, device,  # DDP around `model` with several processes
+                                     find_unused=cfg.loss == "ce" or cfg.warmup_epochs > 0)
+    train_loader = make_loader(ds.train, train=True, cfg=cfg, image_size=image_size, channels=ds.channels, device=device,
+                               rank=ctx.rank, world_size=ctx.world_size)
     val_loader = make_loader(ds.val, train=False, cfg=cfg, image_size=image_size, channels=ds.channels, device=device)
     test_loader = make_loader(ds.test, train=False, cfg=cfg, image_size=image_size, channels=ds.channels, device=device)
 
@@ -143,34 +169,43 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
     if use_nil and cfg.distractor == "memory":
         miner = DistractorMiner(cfg.ann, ds.num_classes, cfg.embed_dim, device, kind=kind,
                                 refresh_every=cfg.refresh_every, need_positive=cfg.variant == "triplet",
-                                audit_every=cfg.audit_every, index=_start_index(cfg, ds, device))
+                                audit_every=cfg.audit_every, index=_start_index(cfg, ds, device),
+                                shard=faiss_index.DistributedIndex if ctx.distributed else None)
 
-    best_score, best_epoch, history = -float("inf"), -1, []
-    for epoch in range(cfg.epochs):
-        started = time.perf_counter()
+    ckpt = Checkpointer(out, cfg, model, optimizer, scheduler, None if ctx.distributed else miner, {"model_spec": spec, "classes": ds.classes,
+                        "config": cfg.to_dict()}, len(train_loader), ds.classes)
+    run = ckpt.restore(device) if resume else ckpt.progress
+    best_score, best_epoch, history = run.best_score, run.best_epoch, run.history
+    for epoch in range(run.epoch, cfg.epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
+        ckpt.begin_epoch(epoch, train_loader)
         distractor_on = use_nil and epoch >= cfg.warmup_epochs
-        stats = _train_epoch(model, train_loader, optimizer, scheduler, criterion, miner, cfg, device,
-                             distractor_on, epoch)
+        stats = _train_epoch(trainee, ckpt.batches(train_loader, epoch), optimizer, scheduler, criterion, miner, cfg,
+                             device, distractor_on, epoch, ckpt.epoch_stats(epoch),
+                             ckpt.after_step if ctx.is_main else None)
+        distributed.sum_fields(stats, ("loss", "loss_ce", "loss_distractor", "with_distractor", "correct", "seen"),
+                               device)  # the epoch's figures over every rank's share
         val = classification_metrics(*_labels_probs(predict(model, val_loader, device)))
         line = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train": stats.as_dict(),
                 "val": summary(val), "distractor_on": distractor_on}
         if miner is not None:
             line["mining"] = miner.reset_timings()
-        line["epoch_s"] = time.perf_counter() - started
+        line["epoch_s"] = ckpt.epoch_seconds(epoch)
         history.append(line)
-        with open(out / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(line) + "\n")
+        if ctx.is_main:
+            with open(out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(line) + "\n")
         state = {"model": model.state_dict(), "model_spec": spec, "classes": ds.classes, "config": cfg.to_dict(),
                  "epoch": epoch + 1, "val": val}
-        save_torch(state | {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, out / "last.pt")
         score = val[cfg.select_metric] if val[cfg.select_metric] is not None else -1.0
-        if score > best_score:
+        if score > best_score:  # best.pt before last.pt: a last.pt never names a best epoch not yet saved
             best_score, best_epoch = score, epoch + 1
-            save_torch(state, out / "best.pt")
+            distributed.on_main(save_torch, state, out / "best.pt")
+        distributed.on_main(ckpt.end_epoch, epoch, state, best_score, best_epoch)
         LOG.info("epoch %d/%d %s val %s", epoch + 1, cfg.epochs, stats.as_dict(), summary(val))
 
+    distributed.barrier()  # rank 0 has written best.pt (--out must be on a filesystem every node sees)
     best = torch.load(out / "best.pt", map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
     test = None  # tuning runs (evaluate_test=False) never read the test split
@@ -178,8 +213,9 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
         test = classification_metrics(*_labels_probs(predict(model, test_loader, device)))
     result = {"best_epoch": best_epoch, "select_metric": cfg.select_metric, "val": best["val"], "test": test,
               "classes": ds.classes, "epochs": cfg.epochs,
+              "skipped_images": len(ds.info.get("skipped_images", [])),
               "train_s": sum(h["epoch_s"] for h in history)}
-    save_json(result, out / "metrics.json")
+    distributed.on_main(save_json, result, out / "metrics.json")
     return result
 
 
@@ -187,10 +223,12 @@ def _start_index(cfg: TrainConfig, ds: Dataset, device: torch.device):
     """The index given by ``--index-from``, checked against this run, or None."""
     if not cfg.index_from:
         return None
-    index, _ = faiss_index.load_index(cfg.index_from, device=str(device))
+    index, manifest = faiss_index.load_index(cfg.index_from, device=str(device))
     if index.dim != cfg.embed_dim or index.num_classes != ds.num_classes:
         raise NilError(f"index {cfg.index_from} holds {index.dim}-d vectors of {index.num_classes} classes; "
                        f"this run has --embed-dim {cfg.embed_dim} and {ds.num_classes} classes")
+    if distributed.context().distributed:  # each rank keeps its shard of the loaded index
+        index = faiss_index.owned_share(index, manifest["construct"])
     return index
 
 
@@ -199,9 +237,11 @@ def _labels_probs(p) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _train_epoch(model, loader, optimizer, scheduler, criterion, miner, cfg: TrainConfig, device: torch.device,
-                 distractor_on: bool, epoch: int) -> _StepStats:
+                 distractor_on: bool, epoch: int, resumed_stats: dict | None = None, after_step=None) -> _StepStats:
+    """One epoch over ``loader`` (or the rest of one: ``resumed_stats`` holds what was done);
+    ``after_step(epoch, stats)`` runs after every optimiser step (step checkpoints)."""
     model.train()
-    stats = _StepStats()
+    stats = _StepStats(**resumed_stats) if resumed_stats else _StepStats()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
     for x, y, sid in bar:
         x, y, sid = x.to(device, non_blocking=True), y.to(device), sid.to(device)
@@ -209,19 +249,25 @@ def _train_epoch(model, loader, optimizer, scheduler, criterion, miner, cfg: Tra
             out = model(x)
             ce = F.cross_entropy(out.logits.float(), y)
         z = out.z.float()
+        if not bool(torch.isfinite(z).all()):  # before mining: a NaN never reaches the distractor memory
+            raise NilError(f"the embeddings became NaN or infinite at epoch {epoch + 1}, step {stats.steps + 1} "
+                           f"(global step {scheduler.last_epoch + 1}); nothing of this step was stored and the "
+                           "last good last.pt is kept; lower --lr or check the data")
         dist = torch.zeros((), device=device)
         with_d = 0.0
         if cfg.loss == "nil":
             if miner is not None:
                 mined = miner.mine(z.detach(), y, sid)
             else:
-                mined = gradient_distractor(model, out.features, out.logits, y, cfg.gradient_step)
+                mined = gradient_distractor(distributed.unwrap(model), out.features, out.logits, y,
+                                            cfg.gradient_step)
             if distractor_on:
                 dist = criterion(z, mined.distractor, mined.valid, mined.positive, mined.positive_valid)
                 with_d = float(mined.valid.sum())
         loss = ce + cfg.lam * dist
         if not torch.isfinite(loss):
-            raise NilError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {stats.steps + 1}; "
+            raise NilError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {stats.steps + 1} "
+                           f"(global step {scheduler.last_epoch + 1}); the last good last.pt is kept; "
                            "lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -232,4 +278,6 @@ def _train_epoch(model, loader, optimizer, scheduler, criterion, miner, cfg: Tra
         correct = float((out.logits.argmax(1) == y).sum())
         stats.add(len(y), loss.item(), ce.item(), dist.item(), with_d, correct)
         bar.set_postfix(loss=f"{stats.loss / stats.seen:.3f}")
+        if after_step is not None:
+            after_step(epoch, stats)
     return stats
