@@ -71,23 +71,27 @@ def index_serve(index_dir, checkpoint, host, port, token, max_batch, max_k, max_
 
 def make_app(config: dict, token: str | None):
     """The service app for a config of ``index_serve`` (loads the index and the checkpoint)."""
+    import torch
+
     import faiss_index
     from faiss_index.server import ServiceLimits, create_app, stored_keys
-    from nil.errors import NilError
-    from nil.indexing import sha256_file
-    from nil.train import resolve_device
 
-    dev = resolve_device(config["device"])
-    index, manifest = faiss_index.load_index(config["index_dir"], device=str(dev))
+    device = config["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    index, manifest = faiss_index.load_index(config["index_dir"], device=device)  # checks the device too
     checkpoint = config["checkpoint"] or manifest.get("checkpoint")
     embed = None
-    if checkpoint is not None:
+    if checkpoint is not None:  # the model side (nil, torchvision) is imported only to embed images
+        from nil.errors import NilError
+        from nil.indexing import sha256_file
+
         if not Path(checkpoint).is_file():
             raise NilError(f"checkpoint {checkpoint} does not exist" + ("" if config["checkpoint"] else
                            " (recorded in the index manifest; pass --checkpoint)"))
         if manifest.get("checkpoint_sha256") and sha256_file(checkpoint) != manifest["checkpoint_sha256"]:
             raise NilError(f"checkpoint {checkpoint} is not the one this index was built with")
-        embed = image_embedder(checkpoint, dev)
+        embed = image_embedder(checkpoint, index.device)
     return create_app(index, manifest, config["index_dir"], keys=stored_keys(config["index_dir"], len(index)),
                       embed=embed, token=token, limits=ServiceLimits(**config["limits"]), writable=config["writable"])
 

@@ -304,8 +304,8 @@ class _BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
+                if seen > self.limit:  # an HTTPException, so FastAPI's body reader passes it on as is
+                    raise _TooLarge(413, self._detail())
             return message
 
         async def tracking_send(message):
@@ -325,7 +325,7 @@ class _BodyLimit:
         return f"request body exceeds the limit of {self.limit} bytes."
 
 
-class _TooLarge(Exception):
+class _TooLarge(HTTPException):
     pass
 
 
