@@ -30,12 +30,19 @@ def index():
 @click.option("--device", default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True)
 def index_build(out, checkpoint, data, fmt, split, embeddings, kind, params, batch_size, device, progress):
-    """Embed a dataset with a checkpoint (or read embeddings) and write an index folder."""
+    """Embed a dataset with a checkpoint (or read embeddings) and write an index folder.
+
+    Under `torchrun --nproc-per-node N -m cli index build --checkpoint ...` the processes embed
+    disjoint blocks of rows in parallel; rank 0 writes the structure and the manifest last.
+    """
+    from nil.distributed import is_main
     from nil.indexing import build_index
 
     stats = build_index(out, checkpoint=checkpoint, data=data, embeddings=embeddings, kind=kind, split=split,
                         fmt=fmt, batch_size=batch_size, device=device, progress=progress,
                         params=_parse_params(params))
+    if not is_main():  # under torchrun, rank 0 alone reports
+        return
     click.echo(f"indexed {stats['count']} vectors of dimension {stats['dim']} ({stats['kind']}) into {out}")
 
 

@@ -35,7 +35,8 @@ from .errors import IndexFormatError, IndexInputError, IndexWriteError
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["save_index", "load_index", "index_stats", "verify_index", "FORMAT_VERSION"]
+__all__ = ["save_index", "load_index", "index_stats", "verify_index", "FORMAT_VERSION", "staging_folder",
+           "create_embeddings"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -49,12 +50,15 @@ REQUIRED_KEYS = ("format_version", "dim", "metric", "classes", "counts", "count"
 # ---------------------------------------------------------------------------------------- save
 def save_index(index: BaseIndex, out_dir: str | Path, *, classes: list[str], keys: list[str] | dict | None = None,
                checkpoint_sha256: str | None = None, source: str | None = None,
-               extra: dict | None = None) -> Path:
+               extra: dict | None = None, staged: str | Path | None = None) -> Path:
     """Write index to out_dir atomically; return out_dir as a Path.
 
     classes: one name per class (len == num_classes). keys: one string per stored sample in store
     order (the order ids were first upserted), or a dict {sample id: key}; None stores "".
     extra: more JSON-serialisable manifest entries (top level; may not replace required keys).
+    staged: a folder from :func:`staging_folder` whose ``embeddings.zarr`` (:func:`create_embeddings`)
+    the caller has filled (e.g. several processes, each its own rows) with the index's rows in
+    store order: adopted instead of written; the structure and the manifest are written here, last.
     """
     out = Path(out_dir)
     classes = [str(c) for c in classes]
@@ -74,13 +78,16 @@ def save_index(index: BaseIndex, out_dir: str | Path, *, classes: list[str], key
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    tmp = Path(staged) if staged is not None else out.parent / f".{out.name}.tmp-{tag}"
     old = out.parent / f".{out.name}.old-{tag}"
     moved_old = False
     try:
-        tmp.mkdir()
-        _write_embeddings(tmp / EMBEDDINGS, vectors.numpy(), labels.numpy(), ids.numpy(), key_arr,
-                          _delta_rows(index))
+        if staged is None:
+            tmp.mkdir()
+            _write_embeddings(tmp / EMBEDDINGS, vectors.numpy(), labels.numpy(), ids.numpy(), key_arr,
+                              _delta_rows(index))
+        else:
+            _adopt_embeddings(tmp / EMBEDDINGS, ids.numpy(), _delta_rows(index))
         (tmp / STRUCTURE).mkdir()
         engine = getattr(index, "engine", None)
         engine_meta = {"files": []}
@@ -154,6 +161,41 @@ def _keys_array(keys, ids: torch.Tensor) -> np.ndarray:
     return np.array([str(k) for k in keys], dtype=object)
 
 
+def staging_folder(out_dir: str | Path) -> Path:
+    """A fresh temporary folder name beside ``out_dir`` for :func:`save_index` ``staged`` (not created)."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def create_embeddings(folder: str | Path, n: int, dim: int, rows_per_chunk: int) -> Path:
+    """Create ``folder/embeddings.zarr`` with empty (n, dim) vectors and (n,) labels, ids, keys.
+
+    Writers then fill disjoint row ranges; ranges that start and end on multiples of
+    ``rows_per_chunk`` touch disjoint chunk files, so several processes can write at once.
+    """
+    import zarr  # noqa: PLC0415
+
+    path = Path(folder) / EMBEDDINGS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(path), mode="w")
+    c = max(1, min(n, rows_per_chunk))
+    _array(group, "vectors", np.zeros((0, dim), np.float32), chunks=(c, dim), shape=(n, dim))
+    _array(group, "labels", np.zeros(0, np.int64), chunks=(c,), shape=(n,))
+    _array(group, "ids", np.zeros(0, np.int64), chunks=(c,), shape=(n,))
+    _array(group, "keys", np.array([], dtype=object), chunks=(c,), text=True, shape=(n,))
+    return path
+
+
+def _adopt_embeddings(path: Path, ids: np.ndarray, delta: np.ndarray) -> None:
+    """Check that a staged embeddings.zarr holds the index's rows; add the delta rows."""
+    import zarr  # noqa: PLC0415
+
+    group = zarr.open_group(str(path), mode="r+")
+    if not np.array_equal(np.asarray(group["ids"][:]), ids):
+        raise IndexInputError(f"the staged {path} does not hold the index's samples in store order.")
+    _array(group, "delta_rows", delta, chunks=(max(1, min(len(delta), 1 << 20)),))
+
+
 def _write_embeddings(path: Path, vectors, labels, ids, keys, delta) -> None:
     import zarr  # noqa: PLC0415
 
@@ -166,9 +208,10 @@ def _write_embeddings(path: Path, vectors, labels, ids, keys, delta) -> None:
     _array(group, "delta_rows", delta, chunks=(max(1, min(len(delta), 1 << 20)),))
 
 
-def _array(group, name: str, data: np.ndarray, chunks, text: bool = False) -> None:
+def _array(group, name: str, data: np.ndarray, chunks, text: bool = False, shape: tuple | None = None) -> None:
+    shape = data.shape if shape is None else shape  # a larger shape leaves the array to be filled later
     if hasattr(group, "create_array"):  # zarr >= 3
-        arr = group.create_array(name, shape=data.shape, dtype=str if text else data.dtype, chunks=chunks,
+        arr = group.create_array(name, shape=shape, dtype=str if text else data.dtype, chunks=chunks,
                                  compressors=None if not text else "auto")
     else:  # zarr 2
         kw = {}
@@ -176,7 +219,7 @@ def _array(group, name: str, data: np.ndarray, chunks, text: bool = False) -> No
             import numcodecs  # noqa: PLC0415
 
             kw = {"dtype": object, "object_codec": numcodecs.VLenUTF8()}
-        arr = group.create_dataset(name, shape=data.shape, chunks=chunks, dtype=kw.pop("dtype", data.dtype), **kw)
+        arr = group.create_dataset(name, shape=shape, chunks=chunks, dtype=kw.pop("dtype", data.dtype), **kw)
     if data.size:
         arr[...] = data
 

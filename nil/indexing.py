@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import zarr
 from PIL import Image, UnidentifiedImageError
 
 import faiss_index
+from nil import distributed
 from nil.data import make_transform
 from nil.errors import NilError
 from nil.evaluate import load_model, open_with_checkpoint
@@ -82,6 +84,8 @@ def build_index(out: str | Path, *, checkpoint: str | Path | None = None, data: 
     """Embed (or read) vectors and write a distractor index folder atomically. Returns its stats."""
     if (embeddings is None) == (checkpoint is None):
         raise NilError("give either --checkpoint (with --data) or --embeddings")
+    if checkpoint is not None and distributed.launched():
+        return _build_index_parallel(out, checkpoint, data, kind, split, fmt, batch_size, device, progress, params)
     if embeddings is not None:
         emb, ckpt_sha = read_embeddings(embeddings), None
     else:
@@ -96,6 +100,55 @@ def build_index(out: str | Path, *, checkpoint: str | Path | None = None, data: 
     extra = {"checkpoint": str(Path(checkpoint).resolve())} if checkpoint is not None else {}
     faiss_index.save_index(index, out, classes=emb["classes"], keys=emb["keys"], checkpoint_sha256=ckpt_sha,
                            source=emb["source"], extra=extra)
+    return faiss_index.index_stats(out)
+
+
+def _build_index_parallel(out, checkpoint, data, kind, split, fmt, batch_size, device, progress, params) -> dict:
+    """``torchrun ... -m cli index build``: each rank embeds a block of rows into one embeddings.zarr.
+
+    Rank r embeds rows ``[r*R, (r+1)*R)`` of the split (R a multiple of the zarr chunk, so the
+    ranks write disjoint chunk files); rank 0 then reads the vectors back, builds the structure
+    and writes it and the manifest last (:func:`faiss_index.save_index` with ``staged``), so the
+    folder appears whole or not at all. Same content as a one-process build.
+    """
+    ctx, dev = distributed.setup(resolve_device(device))
+    model, ckpt, cfg, ds = open_with_checkpoint(checkpoint, data, fmt, dev)
+    samples = ds.split(split)
+    n, dim = len(samples), ckpt["model_spec"]["embed_dim"]
+    chunk = max(1, min(65536, -(-n // ctx.world_size)))
+    per = -(-(-(-n // ctx.world_size)) // chunk) * chunk  # rows per rank, whole chunks
+    lo, hi = min(n, ctx.rank * per), min(n, (ctx.rank + 1) * per)
+    staging = distributed.broadcast_object(faiss_index.persist.staging_folder(out) if ctx.is_main else None)
+    try:
+        if ctx.is_main:
+            faiss_index.persist.create_embeddings(staging, n, dim, chunk)
+        distributed.barrier()
+        if hi > lo:
+            part = samples.subset(np.arange(lo, hi))
+            loader = make_loader(part, train=False, cfg=cfg, image_size=ckpt["model_spec"]["image_size"],
+                                 channels=ds.channels, device=dev, batch_size=batch_size)
+            p = predict(model, loader, dev, progress=progress and ctx.is_main, desc=f"embed {split}")
+            group = zarr.open_group(str(Path(staging) / "embeddings.zarr"), mode="r+")
+            group["vectors"][lo:hi] = p.z
+            group["labels"][lo:hi] = p.labels
+            group["ids"][lo:hi] = p.ids
+            group["keys"][lo:hi] = np.array([str(k) for k in part.keys], dtype=object)
+        distributed.barrier()
+        if ctx.is_main:
+            group = zarr.open_group(str(Path(staging) / "embeddings.zarr"), mode="r")
+            index = faiss_index.make_index(kind, dim, len(ds.classes), device=str(dev), **(params or {}))
+            index.upsert(np.asarray(group["ids"][:]), np.asarray(group["vectors"][:]), np.asarray(group["labels"][:]))
+            if hasattr(index, "build"):
+                index.build()
+            faiss_index.save_index(index, out, classes=ds.classes, checkpoint_sha256=sha256_file(checkpoint),
+                                   source=f"{cfg.data}:{split}", staged=staging,
+                                   extra={"checkpoint": str(Path(checkpoint).resolve()),
+                                          "world_size": ctx.world_size})
+    except BaseException:
+        if ctx.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    distributed.barrier()
     return faiss_index.index_stats(out)
 
 
