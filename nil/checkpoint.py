@@ -45,22 +45,22 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
         _fsync_dir(path.parent)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) or isinstance(exc.__cause__, OSError) or _is_write_error(exc):
+        err = _os_error(exc)
+        if err is not None:
             kept = "the previous file is unchanged" if path.exists() else "nothing was written"
-            raise NilError(f"cannot write {path} ({_reason(exc)}); {kept}") from exc
+            raise NilError(f"cannot write {path} ({err.strerror or err}); {kept}") from exc
         raise
 
 
-def _is_write_error(exc: BaseException) -> bool:
-    # torch.save reports a failed write of its zip container as a RuntimeError naming the writer
-    return isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in str(exc) or "file write failed" in str(exc))
-
-
-def _reason(exc: BaseException) -> str:
-    err = exc if isinstance(exc, OSError) else exc.__cause__ if isinstance(exc.__cause__, OSError) else None
-    if err is not None and err.strerror:
-        return err.strerror
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: torch.save reports a failed write as a RuntimeError raised while
+    handling it (``unexpected pos ...``), so the chain is followed, not only ``exc`` itself."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
