@@ -44,4 +44,4 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
 
 
-from cli import bench_accuracy, bench_commands, commands, index_commands, serve_commands  # noqa: E402,F401  (registers the commands on `main`)
+from cli import bench_accuracy, bench_commands, bench_serve, commands, index_commands, serve_commands  # noqa: E402,F401  (registers the commands on `main`)
