@@ -47,9 +47,9 @@ def epoch_lines(run: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("kw, kill_at", [
-    # killed at step 7 (epoch 2, its 1st batch): last.pt is from step 4, mid-epoch 1, so the
-    # resumed run finishes epoch 1 from its 5th batch, validates, and redoes step 7
-    (dict(ann="exact", checkpoint_every=4), 7),
+    # killed at step 5: last.pt is from step 4, mid-epoch 1, so the resumed run redoes step 5,
+    # finishes epoch 1 from its 5th batch, validates, and runs epoch 2
+    (dict(ann="exact", checkpoint_every=4), 5),
     # the FAISS memory with its structure rebuilt every 5 upserts and a delta in flight at the kill
     (dict(ann="faiss", ann_index="flat", refresh_every=5, checkpoint_every=4, variant="triplet"), 11),
     # no step checkpoints: the resumed run redoes epoch 2 from the epoch-1 last.pt
@@ -65,6 +65,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, ti
     assert (run / "last.pt").exists() and not (run / "metrics.json").exists()
     done = torch.load(run / "last.pt", weights_only=False)["resume"]
     assert done["global_step"] < kill_at  # the kill really lost work
+    assert done["step_in_epoch"] == (0 if "checkpoint_every" not in kw else 4 if kill_at == 5 else 2)
 
     resumed = run_cli("--resume", str(run), "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
