@@ -65,6 +65,7 @@ class ServeBench:
     # server
     search_threads: int | None = None  # the server's --search-threads (None: its default, the cores)
     server_threads: int | None = None  # OMP/torch threads of the server process (None: the default)
+    workers: int = 1  # server worker processes (each holds a copy of the index; more than 1 is read-only)
     # output
     out: str = "benchmarks/results/serve.json"
 
@@ -105,6 +106,8 @@ class _Server:
             env["OMP_NUM_THREADS"] = str(cfg.server_threads)
         cmd = [sys.executable, "-m", "cli", "index", "serve", "--index", str(folder), "--port", str(self.port),
                "--device", "cpu", "--max-k", str(max(100, cfg.k)), "--max-batch", str(max(1024, cfg.batch))]
+        if cfg.workers > 1:
+            cmd += ["--workers", str(cfg.workers)]
         if cfg.search_threads:
             cmd += ["--search-threads", str(cfg.search_threads)]
         self.command = " ".join(shlex.quote(c) for c in cmd)
@@ -214,7 +217,9 @@ def run_serve_bench(cfg: ServeBench, command: str | None = None) -> dict:
             result["server_start_s"] = round(time.perf_counter() - t0, 2)
             asyncio.run(_load(server.url, token, bodies, cfg, cfg.warmup, cfg.max_seconds))
             load_mid = load_average()
+            cpu0 = _process_cpu_s(server.proc.pid), time.process_time()
             run = asyncio.run(_load(server.url, token, bodies, cfg, cfg.requests, cfg.max_seconds))
+            cpu1 = _process_cpu_s(server.proc.pid), time.process_time()
         finally:
             server.stop()
         startup = [line for line in log.read_text().splitlines() if "serving " in line]
@@ -242,6 +247,8 @@ def run_serve_bench(cfg: ServeBench, command: str | None = None) -> dict:
         "p50_ms": _round(_percentile(lat, 50)), "p95_ms": _round(_percentile(lat, 95)),
         "p99_ms": _round(_percentile(lat, 99)), "max_ms": _round(max(lat) if lat else None),
         "server_p50_ms": _round(_percentile(server_ms, 50)), "server_p99_ms": _round(_percentile(server_ms, 99)),
+        "server_cpu_ms_per_request": _per(cpu1[0], cpu0[0], run["sent"]),
+        "client_cpu_ms_per_request": _per(cpu1[1], cpu0[1], run["sent"]),
         "parity_checked": min(32, len(run["answers"])), "parity_mismatches": mismatches,
         "time_budget_hit": run["sent"] < cfg.requests,
     })
@@ -251,6 +258,23 @@ def run_serve_bench(cfg: ServeBench, command: str | None = None) -> dict:
     out = Path(cfg.out)
     write_files({out: to_json(result), out.with_suffix(".md"): serve_markdown(result)})
     return result
+
+
+def _process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds a process and its live children have used so far (Linux), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += _process_cpu_s(int(child)) or 0.0
+        return total
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _per(end: float | None, start: float | None, n: int) -> float | None:
+    return None if end is None or start is None or not n else round((end - start) / n * 1e3, 2)
 
 
 def _round(v: float | None) -> float | None:
@@ -281,6 +305,8 @@ def serve_markdown(result: dict) -> str:
                 + (", the time budget ended the run early" if result["time_budget_hit"] else "") + ").",
             f"Parity: {result['parity_checked']} answers compared with the same index searched in process, "
             f"{result['parity_mismatches']} differed.",
+            f"CPU per request: server {fmt(result.get('server_cpu_ms_per_request'))} ms, clients "
+            f"{fmt(result.get('client_cpu_ms_per_request'))} ms (two cores in all, shared with other jobs).",
             "Server ms are the service's own log times (request received to response sent); the rest of a "
             "client's latency is the client, the loopback and waiting for a core (both processes share the "
             "machine's cores)."]

@@ -98,6 +98,9 @@ def make_app(config: dict, token: str | None):
 
 def app_from_env():
     """uvicorn's factory for each worker process of ``--workers N``."""
+    # a spawned worker does not run `main`, which configures logging: the request lines need a handler
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("faiss_index.server").setLevel(logging.INFO)
     return make_app(json.loads(os.environ[CONFIG_ENV]), os.environ.get("NIL_TOKEN") or None)
 
 

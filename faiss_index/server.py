@@ -38,7 +38,7 @@ from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, Upload
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from .base import BaseIndex
@@ -278,6 +278,27 @@ class IndexService:
         return {"count": n, "created": self.manifest["created"], "files": len(self.manifest["files"])}
 
 
+def _json_body(model: type[BaseModel]) -> dict:
+    """An OpenAPI requestBody for a JSON body of ``model`` (for routes that parse their body themselves)."""
+    return {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}
+
+
+def _parse(model: type[BaseModel], body: bytes) -> BaseModel:
+    """Validate a JSON body; errors become FastAPI's 422 with locations under "body"."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError([{"loc": ("body", *e["loc"]), "msg": e["msg"], "type": e["type"]}
+                                      for e in exc.errors(include_url=False, include_input=False)]) from None
+
+
+def _bearer_credentials(request: Request) -> HTTPAuthorizationCredentials | None:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials:
+        return None
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials.strip())
+
+
 # --------------------------------------------------------------------------------- middleware
 class _BodyLimit:
     """413 for a request body over ``limit`` bytes: by Content-Length up front, and while streaming."""
@@ -493,10 +514,19 @@ def create_app(index: BaseIndex, manifest: dict, folder: str | Path, *, keys: np
         async with state["lock"].read():
             return service.info()
 
-    @app.post("/v1/search", response_model=SearchResponse, dependencies=[Depends(can_read)], tags=["search"],
-              responses={413: {"description": "more vectors than --max-batch, or a body over the limit"}})
-    async def search(req: SearchRequest):
+    # The hot path parses its body with pydantic's own JSON parser and checks the token inline: FastAPI's
+    # json.loads + validation and its dependency solving cost about 1.3 ms of the event loop's time per
+    # request of 32 x 128 floats, against 0.2 ms. The schema is published all the same (openapi_extra).
+    @app.post("/v1/search", response_model=SearchResponse, tags=["search"],
+              responses={401: {"description": "missing or wrong token (when the server has one)"},
+                         413: {"description": "more vectors than --max-batch, or a body over the limit"},
+                         422: {"description": "invalid request; detail names the field"}},
+              openapi_extra={"requestBody": _json_body(SearchRequest), "security": [{"HTTPBearer": []}]})
+    async def search(request: Request):
         """Nearest stored samples of another class than each query's label."""
+        if expected is not None and not _authorised(_bearer_credentials(request)):
+            raise _unauthorised()
+        req = _parse(SearchRequest, await request.body())
         xq, yq = queries(req.vectors, req.labels, req.k)
         return json_response(await read(service.search, xq, yq, req.k))
 

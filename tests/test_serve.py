@@ -231,9 +231,9 @@ def test_bad_json_is_refused_with_its_field(served, path, body, status, field):
 @pytest.mark.parametrize("body,expected", [
     (b'{"vectors": [[NaN' + b", 0.1" * (DIM - 1) + b']], "labels": [0]}', "NaN"),
     (b'{"vectors": [[Infinity' + b", 0.1" * (DIM - 1) + b']], "labels": [0]}', "infinite"),
-    (b'{"vectors": [[0.1, ', "JSON decode error"),
-    (b"[1, 2]", "valid dictionary"),
-    (b"", "Field required")])
+    (b'{"vectors": [[0.1, ', "JSON"),
+    (b"[1, 2]", "object"),
+    (b"", "JSON")])
 def test_nan_and_malformed_bodies_are_422(served, body, expected):
     r = _post(served, "/v1/search", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and expected in r.json()["detail"][0]["msg"], r.text
