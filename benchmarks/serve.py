@@ -64,7 +64,7 @@ class ServeBench:
     max_seconds: float = 600.0  # time budget of the timed phase: stop sending after it
     # server
     search_threads: int | None = None  # the server's --search-threads (None: its default, the cores)
-    server_threads: int | None = None  # OMP/torch threads of the server process (None: the default)
+    torch_threads: int | None = None  # the server's --torch-threads (None: its default, 1)
     workers: int = 1  # server worker processes (each holds a copy of the index; more than 1 is read-only)
     # output
     out: str = "benchmarks/results/serve.json"
@@ -102,12 +102,12 @@ class _Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, NIL_TOKEN=token)
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        if cfg.server_threads:
-            env["OMP_NUM_THREADS"] = str(cfg.server_threads)
         cmd = [sys.executable, "-m", "cli", "index", "serve", "--index", str(folder), "--port", str(self.port),
                "--device", "cpu", "--max-k", str(max(100, cfg.k)), "--max-batch", str(max(1024, cfg.batch))]
         if cfg.workers > 1:
             cmd += ["--workers", str(cfg.workers)]
+        if cfg.torch_threads:
+            cmd += ["--torch-threads", str(cfg.torch_threads)]
         if cfg.search_threads:
             cmd += ["--search-threads", str(cfg.search_threads)]
         self.command = " ".join(shlex.quote(c) for c in cmd)

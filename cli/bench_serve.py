@@ -27,8 +27,8 @@ from cli.bench_commands import _benchmarks, _invocation, bench
 # server
 @click.option("--search-threads", default=None, type=click.IntRange(1),
               help="The server's --search-threads [default: its own default].")
-@click.option("--server-threads", default=None, type=click.IntRange(1),
-              help="OMP_NUM_THREADS of the server process [default: unset].")
+@click.option("--torch-threads", default=None, type=click.IntRange(1),
+              help="The server's --torch-threads [default: its own default].")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
               help="The server's --workers (processes, each with a copy of the index).")
 # output
@@ -36,7 +36,7 @@ from cli.bench_commands import _benchmarks, _invocation, bench
               help="Result JSON; the .md table is written beside it.")
 @click.pass_context
 def bench_serve(ctx, n, dim, classes, kind, seed, requests, clients, batch, k, warmup, max_seconds, search_threads,
-                server_threads, workers, out):
+                torch_threads, workers, out):
     """Concurrent clients against a real `nil index serve` on loopback: throughput, p50/p95/p99, errors.
 
     Builds a seeded index of N clustered vectors, serves it from its own process, and sends the
@@ -47,7 +47,7 @@ def bench_serve(ctx, n, dim, classes, kind, seed, requests, clients, batch, k, w
 
     cfg = ServeBench(n=n, dim=dim, classes=classes, kind=kind, seed=seed, requests=requests, clients=clients,
                      batch=batch, k=k, warmup=warmup, max_seconds=max_seconds, search_threads=search_threads,
-                     server_threads=server_threads, workers=workers, out=out)
+                     torch_threads=torch_threads, workers=workers, out=out)
     run_serve_bench(cfg, command=_invocation(ctx))
     click.echo(Path(out).with_suffix(".md").read_text())
     click.echo(f"wrote {out} and {Path(out).with_suffix('.md')}")
