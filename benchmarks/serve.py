@@ -303,6 +303,11 @@ def serve_markdown(result: dict) -> str:
     out += ["", f"Goal: zero errors and p99 under {goal['p99_ms']:.0f} ms -> {verdict} "
                 f"({result['errors']} errors, p99 {fmt(result['p99_ms'])} ms"
                 + (", the time budget ended the run early" if result["time_budget_hit"] else "") + ").",
+            f"Closed loop: each of the {s['clients']} clients waits for its answer before sending again, so a "
+            f"request queues behind the others' and clients / throughput = "
+            f"{fmt(s['clients'] / result['throughput_rps'] * 1e3 if result['throughput_rps'] else None)} ms, "
+            f"close to p50: the service's throughput sets the latency (the CPU per request below over the cores "
+            f"left by other jobs), not the time of one search.",
             f"Parity: {result['parity_checked']} answers compared with the same index searched in process, "
             f"{result['parity_mismatches']} differed.",
             f"CPU per request: server {fmt(result.get('server_cpu_ms_per_request'))} ms, clients "
