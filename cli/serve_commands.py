@@ -96,6 +96,9 @@ def make_app(config: dict, token: str | None):
         if manifest.get("checkpoint_sha256") and sha256_file(checkpoint) != manifest["checkpoint_sha256"]:
             raise NilError(f"checkpoint {checkpoint} is not the one this index was built with")
         embed = image_embedder(checkpoint, index.device)
+        if embed.dim != index.dim:
+            raise NilError(f"checkpoint {checkpoint} embeds into {embed.dim} dimensions but the index holds "
+                           f"{index.dim}-dimensional vectors")
     return create_app(index, manifest, config["index_dir"], keys=stored_keys(config["index_dir"], len(index)),
                       embed=embed, token=token, limits=ServiceLimits(**config["limits"]), writable=config["writable"])
 
@@ -143,4 +146,5 @@ def image_embedder(checkpoint: str | Path, device):
             out = model(x)
         return out.z.float().cpu().numpy()[0], int(out.logits.argmax(1).item())
 
+    embed.dim = spec["embed_dim"]
     return embed

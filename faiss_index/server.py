@@ -399,12 +399,19 @@ def create_app(index: BaseIndex, manifest: dict, folder: str | Path, *, keys: np
     expected = token.encode() if token else None
     state: dict[str, Any] = {}
 
+    def loop_state() -> dict:
+        # made inside the running event loop (asyncio primitives bind to it), at startup or first use
+        if "lock" not in state:
+            import anyio  # noqa: PLC0415
+
+            state["lock"] = RWLock()
+            state["search_slots"] = anyio.CapacityLimiter(limits.search_threads)
+        return state
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        import anyio  # noqa: PLC0415
-
-        state["lock"] = RWLock()
-        state["search_slots"] = anyio.CapacityLimiter(limits.search_threads)
+        state.clear()
+        loop_state()
         m = service.manifest
         LOG.info("serving %s index %s (%d vectors, %d-d, %d classes; source %s; checkpoint %s) on %s "
                  "(%d torch threads, %d search threads); image search %s; writes %s",
@@ -494,12 +501,13 @@ def create_app(index: BaseIndex, manifest: dict, folder: str | Path, *, keys: np
         return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
 
     async def read(fn, *args):
-        async with state["lock"].read():
-            async with state["search_slots"]:
+        st = loop_state()
+        async with st["lock"].read():
+            async with st["search_slots"]:
                 return await run_in_threadpool(fn, *args)
 
     async def write(fn, *args):
-        async with state["lock"].write():
+        async with loop_state()["lock"].write():
             return await run_in_threadpool(fn, *args)
 
     # ------------------------------------------------------------------ routes
@@ -511,7 +519,7 @@ def create_app(index: BaseIndex, manifest: dict, folder: str | Path, *, keys: np
     @app.get("/v1/index", response_model=IndexInfo, dependencies=[Depends(can_read)], tags=["index"])
     async def index_info():
         """Manifest summary of the served index: kind, dimension, classes, counts per class."""
-        async with state["lock"].read():
+        async with loop_state()["lock"].read():
             return service.info()
 
     # The hot path parses its body with pydantic's own JSON parser and checks the token inline: FastAPI's

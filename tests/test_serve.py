@@ -292,6 +292,15 @@ def test_bind_beyond_loopback_needs_a_token(tmp_path):
     assert r.exit_code == 1 and "not an index folder" in r.output
 
 
+def test_a_checkpoint_of_another_width_is_refused_before_serving(served, tmp_path):
+    index = faiss_index.make_index("exact", 8, CLASSES)
+    index.upsert(torch.arange(6), torch.randn(6, 8), torch.arange(6) % CLASSES)
+    faiss_index.save_index(index, tmp_path / "idx8", classes=["a", "b", "c"])
+    r = CliRunner(env={"NIL_TOKEN": None}).invoke(main, ["index", "serve", "--index", str(tmp_path / "idx8"),
+                                                         "--checkpoint", str(served.checkpoint), "--device", "cpu"])
+    assert r.exit_code == 1 and "16 dimensions" in r.output and "Traceback" not in r.output
+
+
 # ---------------------------------------------------------------------------------------- writes
 def test_upsert_is_visible_to_the_next_search(served):
     q = np.full((1, DIM), 0.25, np.float32)
