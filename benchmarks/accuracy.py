@@ -29,7 +29,7 @@ PUBLISHED = {"retinamnist": {"accuracy": 0.524, "auc": 0.717}, "breastmnist": {"
 ARMS = {
     "ce": dict(loss="ce", ann="none"),
     "nil-exact": dict(loss="nil", ann="exact"),
-    "nil-faiss": dict(loss="nil", ann="faiss"),
+    "nil-faiss": dict(loss="nil", ann="faiss", audit_every=10),  # recall@1 against exact, recorded per epoch
     "nil-triplet": dict(loss="nil", ann="exact", variant="triplet"),
     "nil-gradient": dict(loss="nil", distractor="gradient"),
 }
@@ -117,9 +117,11 @@ def run_accuracy_bench(bench: AccuracyBench, command: str = "") -> dict:
                     rows.append({"dataset": dataset, "arm": arm, "model": model, "seed": seed,
                                  "test": _metrics(result["test"]), "val": _metrics(result["val"]),
                                  "best_epoch": result["best_epoch"], "epochs": result["epochs"],
-                                 "train_s": round(result["train_s"], 1), "run_dir": str(run_dir)})
+                                 "train_s": round(result["train_s"], 1), "run_dir": str(run_dir),
+                                 "diagnostics": run_diagnostics(run_dir, result)})
     result = {"command": command, "machine": machine_info(), "settings": vars(bench).copy(),
-              "total_s": round(time.perf_counter() - started, 1), "rows": rows, "summary": summarise(rows)}
+              "total_s": round(time.perf_counter() - started, 1), "rows": rows, "summary": summarise(rows),
+              "paired": paired_differences(rows)}
     out = Path(bench.out)
     write_files({out: to_json(result), out.with_suffix(".md"): accuracy_markdown(result)})
     return result
@@ -210,6 +212,50 @@ def tuning_markdown(result: dict) -> str:
     ])
 
 
+def run_diagnostics(run_dir: Path, result: dict) -> dict:
+    """What a run says about why the distractor term did or did not help, read from its own files.
+
+    ``distractor_term``: the training distractor loss of the last epoch, mean of
+    max(0, margin - d)^2, i.e. how far inside the margin the nearest other-class samples still sit;
+    ``audit_recall_at_1``: the approximate search's recall against exact over the run (nil-faiss);
+    ``test_recall_per_class``: the diagonal of the test confusion matrix over its row sums.
+    """
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    audits = [line["mining"]["audit_recall_at_1"] for line in lines
+              if "audit_recall_at_1" in line.get("mining", {})]
+    confusion = (result["test"] or {}).get("confusion_matrix")
+    per_class = None
+    if confusion:
+        per_class = [row[i] / max(sum(row), 1) for i, row in enumerate(confusion)]
+    return {"distractor_term": lines[-1]["train"]["loss_distractor"],
+            "audit_recall_at_1": statistics.fmean(audits) if audits else None,
+            "test_recall_per_class": per_class}
+
+
+def paired_differences(rows: list[dict]) -> list[dict]:
+    """Per (dataset, model, arm): the mean and std over seeds of (arm - ce) on the same seed.
+
+    Pairing by seed removes what the seeds share (initialisation, batch order, augmentation), so
+    these are the fairest small-sample comparison the benchmark allows.
+    """
+    ce = {(r["dataset"], r["model"], r["seed"]): r for r in rows if r["arm"] == "ce"}
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for r in rows:
+        base = ce.get((r["dataset"], r["model"], r["seed"]))
+        if r["arm"] != "ce" and base is not None:
+            groups.setdefault((r["dataset"], r["model"], r["arm"]), []).append((r, base))
+    out = []
+    for (dataset, model, arm), pairs in groups.items():
+        entry = {"dataset": dataset, "model": model, "arm": arm, "pairs": len(pairs)}
+        for k in ("accuracy", "auc", "balanced_accuracy", "qwk"):
+            diffs = [r["test"][k] - b["test"][k] for r, b in pairs
+                     if r["test"][k] is not None and b["test"][k] is not None]
+            entry[k], entry[f"{k}_std"] = _mean_std(diffs)
+            entry[f"{k}_wins"] = sum(d > 0 for d in diffs)
+        out.append(entry)
+    return out
+
+
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     values = [v for v in values if v is not None]
     if not values:
@@ -267,4 +313,39 @@ def accuracy_markdown(result: dict) -> str:
             row = ["ResNet-18 (28), published", "MedMNIST v2", f"{pub['accuracy']:.3f}", "-", "-", f"{pub['auc']:.3f}"]
             table.append(row + (["-"] if dataset == "retinamnist" else []))
         lines += [markdown_table(headers, table), ""]
+    lines += _diagnostics_markdown(result)
     return "\n".join(lines)
+
+
+def _signed(mean, std) -> str:
+    return "-" if mean is None else f"{mean:+.3f} ± {std:.3f}"
+
+
+def _diagnostics_markdown(result: dict) -> list[str]:
+    if not result.get("paired"):
+        return []
+    lines = ["## Paired with CE (same seed): arm minus ce", "",
+             "Wins: seeds on which the arm scored higher than CE.", ""]
+    table = [[p["dataset"], p["model"], p["arm"]]
+             + [f"{_signed(p[k], p[f'{k}_std'])} ({p[f'{k}_wins']}/{p['pairs']})" for k in ("accuracy", "auc")]
+             for p in result["paired"]]
+    lines += [markdown_table(["dataset", "model", "arm", "Δ accuracy (wins)", "Δ AUC (wins)"], table), ""]
+    groups: dict[tuple, list[dict]] = {}
+    for r in result["rows"]:
+        if r.get("diagnostics"):
+            groups.setdefault((r["dataset"], r["model"], r["arm"]), []).append(r["diagnostics"])
+    table = []
+    for (dataset, model, arm), ds in groups.items():
+        term = statistics.fmean(d["distractor_term"] for d in ds)
+        audits = [d["audit_recall_at_1"] for d in ds if d["audit_recall_at_1"] is not None]
+        recalls = [d["test_recall_per_class"] for d in ds if d["test_recall_per_class"]]
+        per_class = " / ".join(f"{statistics.fmean(c):.2f}" for c in zip(*recalls)) if recalls else "-"
+        table.append([dataset, model, arm, f"{term:.3f}" if arm != "ce" else "-",
+                      f"{statistics.fmean(audits):.3f}" if audits else "-", per_class])
+    lines += ["## Diagnostics", "",
+              "Distractor term: last-epoch training mean of max(0, margin - d)^2 (0 when every nearest "
+              "other-class sample is at least the margin away). Audit: recall@1 of the FAISS search against "
+              "exact during training. Per-class recall: test recall of each class, mean over seeds.", "",
+              markdown_table(["dataset", "model", "arm", "distractor term", "audit recall@1",
+                              "test recall per class"], table), ""]
+    return lines

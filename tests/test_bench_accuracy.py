@@ -32,7 +32,8 @@ def _bench(args: list[str]):
 
 def test_bench_accuracy_writes_rows_summary_and_table(data_dir, tmp_path):
     out = tmp_path / "accuracy.json"
-    result = _bench(["--arms", "ce,nil-exact,nil-gradient", "--seeds", "0,1", "--data-dir", str(data_dir),
+    # margin 2 (the sphere's diameter): every distractor sits inside it, so the nil arms' term is > 0
+    result = _bench(["--arms", "ce,nil-exact,nil-gradient", "--seeds", "0,1", "--margin", "2", "--data-dir", str(data_dir),
                      "--workdir", str(tmp_path / "runs"), "--out", str(out)])
     doc = json.loads(out.read_text())
     assert {"machine", "rows", "summary", "command"} <= set(doc)
@@ -46,7 +47,17 @@ def test_bench_accuracy_writes_rows_summary_and_table(data_dir, tmp_path):
     ce = [r["test"]["accuracy"] for r in doc["rows"] if r["arm"] == "ce"]
     entry = next(e for e in doc["summary"] if e["arm"] == "ce")
     assert entry["seeds"] == 2 and entry["accuracy"] == pytest.approx(sum(ce) / 2)
+    pair = next(p for p in doc["paired"] if p["arm"] == "nil-exact")
+    by = {(r["arm"], r["seed"]): r["test"]["accuracy"] for r in doc["rows"]}
+    diffs = [by["nil-exact", s] - by["ce", s] for s in (0, 1)]
+    assert pair["pairs"] == 2 and pair["accuracy"] == pytest.approx(sum(diffs) / 2)
+    assert pair["accuracy_wins"] == sum(d > 0 for d in diffs)
+    for row in doc["rows"]:
+        diag = row["diagnostics"]
+        assert len(diag["test_recall_per_class"]) == 3 and diag["audit_recall_at_1"] is None  # no faiss arm here
+        assert (diag["distractor_term"] > 0.0) == (row["arm"] != "ce")
     md = out.with_suffix(".md").read_text()
+    assert "Paired with CE" in md and "Diagnostics" in md
     assert "nil-gradient" in md and "0.524" in md and f"{entry['accuracy']:.3f}" in md  # published figure beside
     assert "QWK" in md and md in result.output
 
