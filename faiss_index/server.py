@@ -28,7 +28,7 @@ import ipaddress
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
@@ -479,7 +479,8 @@ def create_app(index: BaseIndex, manifest: dict, folder: str | Path, *, keys: np
         if not vectors:
             raise field_error("vectors", "vectors is empty; send at least one row.")
         try:
-            x = np.array(vectors, dtype=np.float32)
+            with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused just below
+                x = np.array(vectors, dtype=np.float32)
         except ValueError:
             raise field_error("vectors", "vectors rows have different lengths.") from None
         if x.shape[1] != index.dim:

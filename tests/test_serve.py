@@ -406,5 +406,9 @@ def test_snapshot_survives_a_restart_and_shutdown_is_graceful(served, tmp_path):
                 with pytest.raises(ServiceError) as e:
                     call()
                 assert e.value.status == 403 and "token" in str(e.value)
+            with pytest.raises(ServiceError) as e:  # no checkpoint, so no image search
+                c.search_image(b"\x89PNG", label=0)
+            assert e.value.status == 409 and "checkpoint" in str(e.value)
+            assert c.index_info()["image_search"] is False
     finally:
         assert second.stop() in (0, -signal.SIGTERM)

@@ -164,6 +164,24 @@ def test_image_upload_never_5xx(service, data, label, k):
         assert len(r.json()["ids"]) == 1
 
 
+@settings(max_examples=60, deadline=None)
+@given(header=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+       | st.just(f"Bearer {TOKEN}") | st.just(f"bearer  {TOKEN} ") | st.just(f"Bearer {TOKEN}x"),
+       path=st.sampled_from(["/v1/search", "/v1/upsert", "/v1/index"]))
+def test_authorization_headers_never_5xx(service, header, path):
+    client, _, served = service
+    before = len(served)
+    body = {"vectors": [[0.5] * DIM], "labels": [0]} | ({"ids": [3]} if path == "/v1/upsert" else {})
+    headers = {"Authorization": header}
+    r = client.get(path, headers=headers) if path == "/v1/index" else client.post(path, json=body, headers=headers)
+    _never_5xx(r)
+    scheme, _, credentials = header.partition(" ")
+    ok = scheme.lower() == "bearer" and credentials.strip() == TOKEN
+    assert (r.status_code == 200) == ok, (header, r.status_code)
+    if path == "/v1/upsert" and not ok:
+        assert len(served) == before
+
+
 @settings(max_examples=15, deadline=None)
 @given(payload=st.none() | st.just({}) | json_values)
 def test_snapshot_takes_no_path(service, payload):
