@@ -32,15 +32,16 @@ def _epochs(value: str, models: list[str]) -> dict[str, int]:
 @click.option("--arms", default="ce,nil-exact,nil-faiss,nil-triplet,nil-gradient", show_default=True,
               help="Comma-separated arms.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
-@click.option("--epochs", default="small_cnn=15,resnet18=8", show_default=True,
+@click.option("--epochs", default="small_cnn=15,resnet18=6", show_default=True,
               help="Epochs for every model (N) or per model (MODEL=N,...); the same for every arm.")
 @click.option("--precision", default="bf16", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
               help="Training autocast (bf16 halves ResNet steps on AMX CPUs).")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", default=2e-3, show_default=True)
-@click.option("--lambda", "lam", default=0.5, show_default=True, help="Distractor weight of every nil arm.")
-@click.option("--margin", default=0.5, show_default=True)
-@click.option("--warmup-epochs", default=1, show_default=True)
+@click.option("--lambda", "lam", default=1.0, show_default=True,
+              help="Distractor weight of every nil arm (default tuned on validation).")
+@click.option("--margin", default=1.0, show_default=True, help="Margin of every nil arm (tuned on validation).")
+@click.option("--warmup-epochs", default=0, show_default=True, help="CE-only epochs first (tuned on validation).")
 @click.option("--data-dir", default=None, type=click.Path(), help="Folder with the .npz files [default: ../shared/data].")
 @click.option("--workdir", default="runs/bench-accuracy", show_default=True, help="Where the runs are written.")
 @click.option("--device", default="auto", show_default=True)
