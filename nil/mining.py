@@ -178,6 +178,6 @@ def gradient_distractor(model: torch.nn.Module, features: torch.Tensor, logits: 
     with torch.no_grad():
         direction = F.normalize(g, dim=1)
         moved = f.detach() + step * f.detach().norm(dim=1, keepdim=True) * direction
-        z_adv = model.heads(moved.to(features.dtype)).z.float()
+        z_adv = model.heads(moved).z.float()  # fp32 heads: outside autocast, bf16 features would not match them
     valid = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
     return Mined(z_adv, valid, torch.full_like(labels, -1))

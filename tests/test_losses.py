@@ -54,3 +54,29 @@ def test_triplet_loss_matches_hand_computation():
 def test_unknown_variant_is_refused():
     with pytest.raises(ValueError, match="variant"):
         DistractorLoss(variant="cosine")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gradient_distractor_moves_features_toward_the_most_confusing_class(precision):
+    from nil.mining import gradient_distractor
+    from nil.models import build_model
+    from nil.predict import autocast
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 4, 3, 16, 8, None).eval()
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
+    with autocast(torch.device("cpu"), precision):  # the trainer's forward; features may be bf16
+        out = model(x)
+    mined = gradient_distractor(model, out.features, out.logits, y, step=0.5)
+    assert mined.distractor.dtype == torch.float32 and mined.valid.all()
+    assert torch.allclose(mined.distractor.norm(dim=1), torch.ones(6), atol=1e-4)  # an embedding on the sphere
+    # the step raises the most confusing other class's logit, which is what makes it a distractor
+    logits = out.logits.detach().float().clone()
+    logits.scatter_(1, y[:, None], float("-inf"))
+    c = logits.argmax(1)
+    f = out.features.detach().float()
+    g = torch.autograd.functional.jacobian(lambda v: model.classifier(v).gather(1, c[:, None]).sum(), f)
+    moved = f + 0.5 * f.norm(dim=1, keepdim=True) * torch.nn.functional.normalize(g, dim=1)
+    with torch.no_grad():
+        assert (model.classifier(moved).gather(1, c[:, None]) > model.classifier(f).gather(1, c[:, None])).all()
+        assert torch.allclose(model.heads(moved).z, mined.distractor, atol=1e-5)
