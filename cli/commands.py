@@ -81,6 +81,9 @@ def demo(out, n, epochs, seed, device, progress):
 @click.option("--distractor", default="memory", show_default=True, type=click.Choice(["memory", "gradient"]),
               help="memory: nearest stored other-class sample; gradient: feature-space distractor from the neurons.")
 @click.option("--gradient-step", default=0.5, show_default=True, help="--distractor gradient: step size, x ||f||.")
+@click.option("--fresh-distractors/--stored-distractors", default=False, show_default=True,
+              help="Re-embed each mined distractor's image with the current network in the same step (gradient "
+                   "through both; ~2x the step) instead of using its stored, up to an epoch old, embedding.")
 @click.option("--ann", default="exact", show_default=True, type=click.Choice(["none", "exact", "faiss"]),
               help="Where distractors come from: the batch, an exact memory, or the FAISS engine.")
 @click.option("--ann-index", default="auto", show_default=True,

@@ -42,6 +42,7 @@ class TrainConfig:
     warmup_epochs: int = 1  # epochs of CE only while the memory fills
     distractor: str = "memory"  # memory: nearest stored other-class sample; gradient: from the neurons
     gradient_step: float = 0.5  # --distractor gradient: step along the confusing class's gradient, x ||f||
+    fresh_distractors: bool = False  # re-embed each mined distractor image with the current network
     # distractor search
     ann: str = "exact"  # none: within the batch; exact: torch engine; faiss: FAISS engine
     ann_index: str = "auto"  # kind for --ann faiss; auto: the engine's default for the device
@@ -78,6 +79,8 @@ class TrainConfig:
             (self.margin > 0, "--margin must be positive"),
             (self.index_from is None or self.ann != "none", "--index-from needs --ann exact or --ann faiss"),
             (self.gradient_step > 0, "--gradient-step must be positive"),
+            (not self.fresh_distractors or self.distractor == "memory",
+             "--fresh-distractors applies to --distractor memory"),
             (self.warmup_epochs >= 0, "--warmup-epochs must be non-negative"),
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
              and self.val_fraction + self.test_fraction < 1, "split fractions must lie in [0, 1) and sum below 1"),

@@ -181,3 +181,34 @@ def gradient_distractor(model: torch.nn.Module, features: torch.Tensor, logits: 
         z_adv = model.heads(moved).z.float()  # fp32 heads: outside autocast, bf16 features would not match them
     valid = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
     return Mined(z_adv, valid, torch.full_like(labels, -1))
+
+
+class FreshDistractors:
+    """Re-embed each mined distractor's image with the current network (``--fresh-distractors``).
+
+    The memory answers *which* sample is the distractor; its stored vector can be up to an epoch
+    old. Pushing z_i away from stale vectors lets the network satisfy the loss by moving the whole
+    cloud of embeddings away from where it used to be, instead of separating the classes (measured:
+    the embeddings collapse into a cap, |mean z| ~ 0.99). Here the distractor's image goes through
+    the network in the same step, so the distance is between current embeddings and the gradient
+    flows into both sides, as in the paper's pairs of image and distractor.
+    """
+
+    def __init__(self, samples, transform):
+        from nil.data.base import TorchSplit
+
+        self.split = TorchSplit(samples, transform)
+        self.row = {int(sid): i for i, sid in enumerate(samples.ids)}
+
+    def refresh(self, model: torch.nn.Module, mined: Mined, autocast_ctx) -> Mined:
+        """``mined`` with the distractor vectors of training samples replaced by fresh embeddings (with grad)."""
+        rows = torch.tensor([self.row.get(int(i), -1) for i in mined.ids.tolist()], dtype=torch.int64)
+        take = (rows >= 0) & mined.valid.cpu()
+        if not bool(take.any()):
+            return mined
+        images = torch.stack([self.split[int(r)][0] for r in rows[take]]).to(mined.distractor.device)
+        with autocast_ctx:
+            z = model(images).z.float()
+        where = take.nonzero().squeeze(1).to(mined.distractor.device)
+        distractor = mined.distractor.detach().index_put((where,), z)
+        return Mined(distractor, mined.valid, mined.ids, mined.positive, mined.positive_valid)

@@ -30,14 +30,14 @@ import faiss_index
 from nil import distributed
 from nil.checkpoint import save_json, save_torch
 from nil.config import TrainConfig
-from nil.data import CsvOptions, open_dataset
+from nil.data import CsvOptions, make_transform, open_dataset
 from nil.data.base import Dataset
 from nil.data.screen import screen_images
 from nil.errors import NilError
 from nil.losses import DistractorLoss
 from nil.loaders import make_loader
 from nil.metrics import classification_metrics, summary
-from nil.mining import DistractorMiner, gradient_distractor
+from nil.mining import DistractorMiner, FreshDistractors, gradient_distractor
 from nil.models import build_model
 from nil.predict import autocast, predict
 from nil.resume import Checkpointer, check_same_data, write_run_config
@@ -172,6 +172,12 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
                                 audit_every=cfg.audit_every, index=_start_index(cfg, ds, device),
                                 shard=faiss_index.DistributedIndex if ctx.distributed else None)
 
+    fresh = None
+    if miner is not None and cfg.fresh_distractors:
+        if ctx.distributed:
+            raise NilError("--fresh-distractors runs in one process for now; drop it under torchrun")
+        fresh = FreshDistractors(ds.train, make_transform(True, image_size, ds.channels))
+
     ckpt = Checkpointer(out, cfg, model, optimizer, scheduler, None if ctx.distributed else miner, {"model_spec": spec, "classes": ds.classes,
                         "config": cfg.to_dict()}, len(train_loader), ds.classes)
     run = ckpt.restore(device) if resume else ckpt.progress
@@ -183,7 +189,7 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
         distractor_on = use_nil and epoch >= cfg.warmup_epochs
         stats = _train_epoch(trainee, ckpt.batches(train_loader, epoch), optimizer, scheduler, criterion, miner, cfg,
                              device, distractor_on, epoch, ckpt.epoch_stats(epoch),
-                             ckpt.after_step if ctx.is_main else None)
+                             ckpt.after_step if ctx.is_main else None, fresh)
         distributed.sum_fields(stats, ("loss", "loss_ce", "loss_distractor", "with_distractor", "correct", "seen"),
                                device)  # the epoch's figures over every rank's share
         val = classification_metrics(*_labels_probs(predict(model, val_loader, device)))
@@ -237,9 +243,11 @@ def _labels_probs(p) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _train_epoch(model, loader, optimizer, scheduler, criterion, miner, cfg: TrainConfig, device: torch.device,
-                 distractor_on: bool, epoch: int, resumed_stats: dict | None = None, after_step=None) -> _StepStats:
+                 distractor_on: bool, epoch: int, resumed_stats: dict | None = None, after_step=None,
+                 fresh: FreshDistractors | None = None) -> _StepStats:
     """One epoch over ``loader`` (or the rest of one: ``resumed_stats`` holds what was done);
-    ``after_step(epoch, stats)`` runs after every optimiser step (step checkpoints)."""
+    ``after_step(epoch, stats)`` runs after every optimiser step (step checkpoints); ``fresh``
+    re-embeds the mined distractors' images in the step (``--fresh-distractors``)."""
     model.train()
     stats = _StepStats(**resumed_stats) if resumed_stats else _StepStats()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
@@ -262,6 +270,8 @@ def _train_epoch(model, loader, optimizer, scheduler, criterion, miner, cfg: Tra
                 mined = gradient_distractor(distributed.unwrap(model), out.features, out.logits, y,
                                             cfg.gradient_step)
             if distractor_on:
+                if fresh is not None:
+                    mined = fresh.refresh(model, mined, autocast(device, cfg.precision))
                 dist = criterion(z, mined.distractor, mined.valid, mined.positive, mined.positive_valid)
                 with_d = float(mined.valid.sum())
         loss = ce + cfg.lam * dist
