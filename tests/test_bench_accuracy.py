@@ -97,3 +97,23 @@ def test_tuning_grid_parsing():
     assert len(TUNE_GRID["lam"]) * len(TUNE_GRID["margin"]) * len(TUNE_GRID["warmup_epochs"]) == 12
     with pytest.raises(ValueError, match="temperature"):
         parse_grid("temperature=1")
+
+
+def test_embedding_geometry_of_a_run(tiny_npz, tmp_path):
+    import numpy as np
+
+    from benchmarks.embedding_geometry import geometry
+    from nil.config import TrainConfig
+    from nil.indexing import embed_split
+    from nil.train import train
+
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(tiny_npz), out=str(run), model="small_cnn", epochs=1, batch_size=32, embed_dim=8,
+                      progress=False, device="cpu"))
+    g = geometry(run)
+    z = embed_split(run / "best.pt", device="cpu", progress=False)["vectors"]
+    assert g["n"] == len(z) == 96
+    assert g["mean_z_norm"] == pytest.approx(float(np.linalg.norm(z.mean(0))), abs=1e-5)
+    pair = np.sqrt(np.clip(((z[:, None] - z[None]) ** 2).sum(-1), 0, None))
+    assert g["mean_pairwise"] == pytest.approx(pair.sum() / (96 * 95), abs=1e-4)
+    assert 0 <= g["nearest_same_median"] <= 2 and 0 <= g["nearest_other_median"] <= 2
