@@ -30,7 +30,7 @@ def _epochs(value: str, models: list[str]) -> dict[str, int]:
 @click.option("--datasets", default="retinamnist,breastmnist", show_default=True, help="Comma-separated.")
 @click.option("--models", default="small_cnn,resnet18", show_default=True, help="Comma-separated.")
 @click.option("--arms", default="ce,nil-exact,nil-faiss,nil-triplet,nil-gradient", show_default=True,
-              help="Comma-separated arms.")
+              help="Comma-separated arms; also nil-fresh (--fresh-distractors, opt-in, ~2x the step).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
 @click.option("--epochs", default="small_cnn=15,resnet18=6", show_default=True,
               help="Epochs for every model (N) or per model (MODEL=N,...); the same for every arm.")
