@@ -36,8 +36,15 @@ def _free_port() -> int:
 
 def _spawn(fn, *args, nprocs: int = 2, timeout: float = 90.0) -> None:
     """Run fn(rank, port, *args) in nprocs gloo processes; a failure or a hang fails the test."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    ctx = mp.start_processes(fn, args=(_free_port(), *args), nprocs=nprocs, join=False, start_method="spawn")
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by the children at start; restored at once for later tests
+    try:
+        ctx = mp.start_processes(fn, args=(_free_port(), *args), nprocs=nprocs, join=False, start_method="spawn")
+    finally:
+        if previous is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous
     import time
 
     deadline = time.monotonic() + timeout

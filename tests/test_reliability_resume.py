@@ -32,7 +32,8 @@ def cli_args(cfg: dict) -> list[str]:
 
 
 def run_cli(*args, kill_at: int | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # the same thread count as the in-process reference run: float sums depend on it
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(torch.get_num_threads()))
     env.pop(FAULT_KILL_ENV, None)
     if kill_at is not None:
         env[FAULT_KILL_ENV] = str(kill_at)
