@@ -121,7 +121,7 @@ def save_index(index: BaseIndex, out_dir: str | Path, *, classes: list[str], key
             os.rename(out, old)
             moved_old = True
         os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if moved_old and not out.exists():
@@ -264,11 +264,12 @@ def _fsync_tree(root: Path) -> None:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         else:
-            _fsync_dir(p)
-    _fsync_dir(root)
+            fsync_dir(p)
+    fsync_dir(root)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -10,21 +10,8 @@ from typing import Any, Callable
 
 import torch
 
+from faiss_index.persist import fsync_dir
 from nil.errors import NilError
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
@@ -42,7 +29,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         err = _os_error(exc)
