@@ -41,7 +41,7 @@ from nil.data import write_synthetic
 from nil.errors import NilError
 from nil.loaders import make_loader
 from nil.losses import DistractorLoss
-from nil.mining import DistractorMiner
+from nil.mining import DistractorMiner, SearchedDistractors
 from nil.models import build_model
 from nil.train import _train_epoch, open_config_dataset, resolve_device, seed_everything
 
@@ -230,7 +230,7 @@ def _time_steps(cfg: TrainBench, tcfg: TrainConfig, ds, batches: list, device: t
             figures["aged_upserts"] = _age(miner.index, memory, cfg)
             figures["delta_rows_at_start"] = miner.index.delta_size
     timed = _TimedBatches(batches, miner, device, cfg.progress)
-    stats = _train_epoch(model, timed, optimizer, scheduler, criterion, miner, tcfg, device, True, 0)
+    stats = _train_epoch(model, timed, optimizer, scheduler, criterion, SearchedDistractors(miner), tcfg, device, True, 0)
     steps = timed.steps[cfg.warmup:]
     step, mining, upsert = (median([s[k] for s in steps]) for k in ("step_ms", "mining_ms", "upsert_ms"))
     figures |= {"ms_per_step": step, "mining_ms": mining, "upsert_ms": upsert, "share": (mining + upsert) / step,

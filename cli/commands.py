@@ -8,6 +8,7 @@ import click
 
 from cli.main import main
 from cli.tables import metrics_table
+from nil.config import LOSSES, SCHEDULES
 
 DATA_FORMATS = ["medmnist", "folder", "csv", "zarr"]
 
@@ -68,12 +69,15 @@ def demo(out, n, epochs, seed, device, progress):
 @click.option("--weights", default=None, type=click.Path(), help="Local state dict to start from (nothing is downloaded).")
 @click.option("--epochs", default=20, show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True, help="AdamW learning rate, cosine-decayed.")
+@click.option("--lr", default=1e-3, show_default=True, help="AdamW learning rate.")
+@click.option("--schedule", default="cosine", show_default=True, type=click.Choice(SCHEDULES),
+              help="Learning-rate schedule over all steps: cosine decay to 0, or step (x0.1 at 50% and 75%).")
 @click.option("--weight-decay", default=1e-4, show_default=True)
 @click.option("--image-size", default=None, type=int, help="Resize to this side [default: the data's own, 224 for files].")
 @click.option("--embed-dim", default=128, show_default=True, help="Width D of the embedding z.")
-@click.option("--loss", default="nil", show_default=True, type=click.Choice(["ce", "nil"]),
-              help="ce: cross-entropy only; nil: CE + lambda x distractor term.")
+@click.option("--loss", default="nil", show_default=True, type=click.Choice(LOSSES),
+              help="ce: cross-entropy only; nil: CE + lambda x distractor term; ce-replay: CE on the batch and "
+                   "on its mined distractor images (hard-example replay: the compute-matched control of nil).")
 @click.option("--lambda", "lam", default=0.5, show_default=True, help="Weight of the distractor term.")
 @click.option("--margin", default=0.5, show_default=True, help="Push distractors at least this far away.")
 @click.option("--variant", default="margin", show_default=True, type=click.Choice(["margin", "triplet"]))

@@ -6,9 +6,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 from nil.errors import NilError
 
-LOSSES = ("ce", "nil")
+LOSSES = ("ce", "nil", "ce-replay")
 ANNS = ("none", "exact", "faiss")
 DISTRACTORS = ("memory", "gradient")
+SCHEDULES = ("cosine", "step")
 
 
 @dataclass
@@ -32,10 +33,11 @@ class TrainConfig:
     # optimisation
     epochs: int = 20
     batch_size: int = 128
-    lr: float = 1e-3  # AdamW, cosine decay to 0 over all steps
+    lr: float = 1e-3  # AdamW
+    schedule: str = "cosine"  # cosine: decay to 0 over all steps; step: x0.1 at 50% and 75% of the steps
     weight_decay: float = 1e-4
     # distractor-aware loss
-    loss: str = "nil"  # ce: cross-entropy only; nil: CE + lambda * distractor term
+    loss: str = "nil"  # ce: cross-entropy only; nil: CE + lambda * distractor term; ce-replay: CE on batch + distractor images
     lam: float = 0.5  # weight lambda of the distractor term
     margin: float = 0.5  # distance below which a distractor is pushed away
     variant: str = "margin"  # margin | triplet
@@ -79,8 +81,15 @@ class TrainConfig:
             (self.margin > 0, "--margin must be positive"),
             (self.index_from is None or self.ann != "none", "--index-from needs --ann exact or --ann faiss"),
             (self.gradient_step > 0, "--gradient-step must be positive"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
             (not self.fresh_distractors or self.distractor == "memory",
              "--fresh-distractors applies to --distractor memory"),
+            (self.loss != "ce-replay" or self.distractor == "memory",
+             "--loss ce-replay replays mined distractor images and needs --distractor memory"),
+            (self.variant != "triplet" or self.distractor == "memory",
+             "--variant triplet needs a stored positive, so --distractor memory"),
+            (self.index_from is None or self.distractor == "memory",
+             "--index-from starts a distractor memory and needs --distractor memory"),
             (self.warmup_epochs >= 0, "--warmup-epochs must be non-negative"),
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
              and self.val_fraction + self.test_fraction < 1, "split fractions must lie in [0, 1) and sum below 1"),

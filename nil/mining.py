@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 import faiss_index
 from faiss_index import knn_other_class
+from nil import distributed
+from nil.models import ModelOutput
 
 LOG = logging.getLogger(__name__)
 
@@ -171,28 +173,21 @@ def gradient_distractor(model: torch.nn.Module, features: torch.Tensor, logits: 
     masked = logits.detach().float().clone()
     masked.scatter_(1, labels[:, None], float("-inf"))
     confusing = masked.argmax(dim=1)
-    with torch.enable_grad():
+    # fp32 heads, outside any autocast: bf16 features would not match them
+    with torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
         f = features.detach().float().requires_grad_(True)
         score = model.classifier(f).gather(1, confusing[:, None]).sum()
         (g,) = torch.autograd.grad(score, f)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
         direction = F.normalize(g, dim=1)
         moved = f.detach() + step * f.detach().norm(dim=1, keepdim=True) * direction
-        z_adv = model.heads(moved).z.float()  # fp32 heads: outside autocast, bf16 features would not match them
+        z_adv = model.heads(moved).z.float()
     valid = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
     return Mined(z_adv, valid, torch.full_like(labels, -1))
 
 
-class FreshDistractors:
-    """Re-embed each mined distractor's image with the current network (``--fresh-distractors``).
-
-    The memory answers *which* sample is the distractor; its stored vector can be up to an epoch
-    old. Pushing z_i away from stale vectors lets the network satisfy the loss by moving the whole
-    cloud of embeddings away from where it used to be, instead of separating the classes (measured:
-    the embeddings collapse into a cap, |mean z| ~ 0.99). Here the distractor's image goes through
-    the network in the same step, so the distance is between current embeddings and the gradient
-    flows into both sides, as in the paper's pairs of image and distractor.
-    """
+class DistractorImages:
+    """The training images behind sample ids, so a mined distractor can be embedded again in the step."""
 
     def __init__(self, samples, transform):
         from nil.data.base import TorchSplit
@@ -200,15 +195,115 @@ class FreshDistractors:
         self.split = TorchSplit(samples, transform)
         self.row = {int(sid): i for i, sid in enumerate(samples.ids)}
 
-    def refresh(self, model: torch.nn.Module, mined: Mined, autocast_ctx) -> Mined:
-        """``mined`` with the distractor vectors of training samples replaced by fresh embeddings (with grad)."""
-        rows = torch.tensor([self.row.get(int(i), -1) for i in mined.ids.tolist()], dtype=torch.int64)
-        take = (rows >= 0) & mined.valid.cpu()
-        if not bool(take.any()):
-            return mined
-        images = torch.stack([self.split[int(r)][0] for r in rows[take]]).to(mined.distractor.device)
-        with autocast_ctx:
-            z = model(images).z.float()
-        where = take.nonzero().squeeze(1).to(mined.distractor.device)
-        distractor = mined.distractor.detach().index_put((where,), z)
-        return Mined(distractor, mined.valid, mined.ids, mined.positive, mined.positive_valid)
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Row of each id in the training split, -1 for ids it does not hold (-1 itself, or an --index-from id)."""
+        return torch.tensor([self.row.get(int(i), -1) for i in ids.tolist()], dtype=torch.int64)
+
+    def load(self, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (N, C, S, S) with the training transform, and their labels (N,)."""
+        items = [self.split[int(r)] for r in rows]
+        x = torch.stack([item[0] for item in items]).to(device)
+        return x, torch.tensor([int(item[1]) for item in items], dtype=torch.int64, device=device)
+
+
+# ------------------------------------------------------------------------------ distractor sources
+@dataclass
+class Step:
+    """What one training step embedded: the batch, its distractors and any distractor images.
+
+    ``out`` is the batch's output (with grad); ``pairs`` the distractor of each sample (None while
+    the distractor term is off); ``replay``/``replay_labels`` the output of the distractor images
+    embedded in this step and their labels (fresh re-embedding and hard-example replay), else None.
+    """
+
+    out: ModelOutput
+    pairs: Mined | None = None
+    replay: ModelOutput | None = None
+    replay_labels: torch.Tensor | None = None
+
+
+class DistractorSource:
+    """Where each sample's distractor comes from; the trainer calls it once per step.
+
+    ``step(model, x, y, ids, active)`` embeds the batch (and whatever else the source needs) and
+    returns a :class:`Step`; ``active`` is False during warm-up, when no search is spent.
+    ``update(step, y, ids)`` runs after the optimiser step (a memory takes the batch in).
+    The trainer wraps both calls' forward passes in :func:`nil.batchnorm.batch_statistics`.
+    This base class is the cross-entropy source: the batch alone, no distractor.
+    """
+
+    miner: DistractorMiner | None = None  # the memory searched, saved in last.pt (None: nothing to save)
+
+    def step(self, model, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, active: bool) -> Step:
+        return Step(model(x))
+
+    def update(self, step: Step, y: torch.Tensor, ids: torch.Tensor) -> None:
+        pass
+
+    def reset_timings(self) -> dict:
+        return self.miner.reset_timings() if self.miner is not None else {}
+
+
+class SearchedDistractors(DistractorSource):
+    """The nearest other-class sample, searched in the batch (``--ann none``) or a memory (``exact``, ``faiss``).
+
+    ``images`` set: the distractor's image is embedded again with the current network in the same
+    step (``--fresh-distractors``), so both sides of the distance are current embeddings and the
+    gradient reaches both; a distractor that is in this batch already takes its embedding from the
+    batch's own forward pass. ``replay``: the distractor images' outputs are also returned for a
+    cross-entropy term of their own (``--loss ce-replay``, the compute-matched control). Without
+    ``images`` the stored (detached) vector is used.
+    """
+
+    def __init__(self, miner: DistractorMiner, images: DistractorImages | None = None, replay: bool = False):
+        if replay and images is None:
+            raise ValueError("replay needs the distractor images")
+        self.miner, self.images, self.replay = miner, images, replay
+
+    def step(self, model, x, y, ids, active):
+        out = model(x)
+        if not active:
+            return Step(out)
+        pairs = self.miner.mine(out.z.detach().float(), y, ids)
+        if self.images is None:
+            return Step(out, pairs)
+        return self._embed_again(model, out, pairs, ids)
+
+    def _embed_again(self, model, out: ModelOutput, pairs: Mined, ids: torch.Tensor) -> Step:
+        device = out.z.device
+        z = out.z.float()
+        in_batch = (pairs.ids[:, None] == ids[None, :]) & pairs.valid[:, None]  # (B, B): distractor j is in the batch
+        here = in_batch.any(1)
+        rows = self.images.rows(pairs.ids.cpu()).to(device)
+        elsewhere = pairs.valid & (rows >= 0)  # replay embeds every distractor image, fresh only the absent ones
+        if not self.replay:
+            elsewhere &= ~here
+        distractor = pairs.distractor.detach().float()
+        if not self.replay and bool(here.any()):
+            distractor = torch.where(here[:, None], z[in_batch.float().argmax(1)], distractor)
+        replay = labels = None
+        if bool(elsewhere.any()):
+            take = elsewhere.nonzero().squeeze(1)
+            images, labels = self.images.load(rows[take].cpu(), device)
+            replay = distributed.unwrap(model)(images)  # unwrapped: DDP sees one forward per step
+            if not self.replay:
+                distractor = distractor.index_put((take,), replay.z.float())
+                replay = labels = None
+        return Step(out, Mined(distractor, pairs.valid, pairs.ids, pairs.positive, pairs.positive_valid),
+                    replay, labels)
+
+    def update(self, step, y, ids):
+        self.miner.update(step.out.z.detach().float(), y, ids)
+
+
+class GradientDistractors(DistractorSource):
+    """A feature-space distractor from the network's own neurons (:func:`gradient_distractor`); no memory."""
+
+    def __init__(self, step_size: float):
+        self.step_size = step_size
+
+    def step(self, model, x, y, ids, active):
+        out = model(x)
+        if not active:
+            return Step(out)
+        return Step(out, gradient_distractor(distributed.unwrap(model), out.features, out.logits, y, self.step_size))

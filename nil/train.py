@@ -37,7 +37,9 @@ from nil.errors import NilError
 from nil.losses import DistractorLoss
 from nil.loaders import make_loader
 from nil.metrics import classification_metrics, summary
-from nil.mining import DistractorMiner, FreshDistractors, gradient_distractor
+from nil.batchnorm import batch_statistics
+from nil.mining import (DistractorImages, DistractorMiner, DistractorSource, GradientDistractors,
+                        SearchedDistractors, Step)
 from nil.models import build_model
 from nil.predict import autocast, predict
 from nil.resume import Checkpointer, check_same_data, write_run_config
@@ -153,31 +155,19 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
             save_json(ds.info["skipped_images"], out / "skipped_images.json")
 
     model = build_model(cfg.model, ds.num_classes, ds.channels, image_size, cfg.embed_dim, cfg.weights).to(device)
-    trainee = distributed.wrap_model(model, device,  # DDP around `model` with several processes
-                                     find_unused=cfg.loss == "ce" or cfg.warmup_epochs > 0)
+    # every parameter takes part in every step (the loss always reaches z): DDP needs no unused-parameter scan
+    trainee = distributed.wrap_model(model, device, find_unused=False)
     train_loader = make_loader(ds.train, train=True, cfg=cfg, image_size=image_size, channels=ds.channels, device=device,
                                rank=ctx.rank, world_size=ctx.world_size)
     val_loader = make_loader(ds.val, train=False, cfg=cfg, image_size=image_size, channels=ds.channels, device=device)
     test_loader = make_loader(ds.test, train=False, cfg=cfg, image_size=image_size, channels=ds.channels, device=device)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
-    use_nil = cfg.loss == "nil"
+    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * len(train_loader))
     criterion = DistractorLoss(cfg.margin, cfg.variant)
-    miner = None
-    if use_nil and cfg.distractor == "memory":
-        miner = DistractorMiner(cfg.ann, ds.num_classes, cfg.embed_dim, device, kind=kind,
-                                refresh_every=cfg.refresh_every, need_positive=cfg.variant == "triplet",
-                                audit_every=cfg.audit_every, index=_start_index(cfg, ds, device),
-                                shard=faiss_index.DistributedIndex if ctx.distributed else None)
+    source = make_source(cfg, ds, image_size, device, kind)
 
-    fresh = None
-    if miner is not None and cfg.fresh_distractors:
-        if ctx.distributed:
-            raise NilError("--fresh-distractors runs in one process for now; drop it under torchrun")
-        fresh = FreshDistractors(ds.train, make_transform(True, image_size, ds.channels))
-
+    miner = source.miner
     ckpt = Checkpointer(out, cfg, model, optimizer, scheduler, None if ctx.distributed else miner, {"model_spec": spec, "classes": ds.classes,
                         "config": cfg.to_dict()}, len(train_loader), ds.classes)
     run = ckpt.restore(device) if resume else ckpt.progress
@@ -186,17 +176,17 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         ckpt.begin_epoch(epoch, train_loader)
-        distractor_on = use_nil and epoch >= cfg.warmup_epochs
-        stats = _train_epoch(trainee, ckpt.batches(train_loader, epoch), optimizer, scheduler, criterion, miner, cfg,
+        distractor_on = cfg.loss != "ce" and epoch >= cfg.warmup_epochs
+        stats = _train_epoch(trainee, ckpt.batches(train_loader, epoch), optimizer, scheduler, criterion, source, cfg,
                              device, distractor_on, epoch, ckpt.epoch_stats(epoch),
-                             ckpt.after_step if ctx.is_main else None, fresh)
+                             ckpt.after_step if ctx.is_main else None)
         distributed.sum_fields(stats, ("loss", "loss_ce", "loss_distractor", "with_distractor", "correct", "seen"),
                                device)  # the epoch's figures over every rank's share
         val = classification_metrics(*_labels_probs(predict(model, val_loader, device)))
         line = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train": stats.as_dict(),
                 "val": summary(val), "distractor_on": distractor_on}
         if miner is not None:
-            line["mining"] = miner.reset_timings()
+            line["mining"] = source.reset_timings()
         line["epoch_s"] = ckpt.epoch_seconds(epoch)
         history.append(line)
         if ctx.is_main:
@@ -242,39 +232,76 @@ def _labels_probs(p) -> tuple[np.ndarray, np.ndarray]:
     return p.labels, p.probs
 
 
-def _train_epoch(model, loader, optimizer, scheduler, criterion, miner, cfg: TrainConfig, device: torch.device,
-                 distractor_on: bool, epoch: int, resumed_stats: dict | None = None, after_step=None,
-                 fresh: FreshDistractors | None = None) -> _StepStats:
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int):
+    """Per-step learning-rate schedule: ``cosine`` decays to 0 over all steps; ``step`` multiplies the
+    rate by 0.1 at 50% and 75% of the steps (the MedMNIST v2 recipe)."""
+    if schedule == "step":
+        milestones = [max(total_steps // 2, 1), max(total_steps * 3 // 4, 1)]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+
+
+def make_source(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
+                kind: str = "auto") -> DistractorSource:
+    """The distractor source the configuration asks for (see :mod:`nil.mining`)."""
+    if cfg.loss == "ce":
+        return DistractorSource()
+    if cfg.distractor == "gradient":
+        return GradientDistractors(cfg.gradient_step)
+    kind = faiss_index.default_kind(str(device)) if kind == "auto" else kind
+    miner = DistractorMiner(cfg.ann, ds.num_classes, cfg.embed_dim, device, kind=kind,
+                            refresh_every=cfg.refresh_every, need_positive=cfg.variant == "triplet",
+                            audit_every=cfg.audit_every, index=_start_index(cfg, ds, device),
+                            shard=faiss_index.DistributedIndex if distributed.context().distributed else None)
+    images = None
+    if cfg.fresh_distractors or cfg.loss == "ce-replay":
+        images = DistractorImages(ds.train, make_transform(True, image_size, ds.channels))
+    return SearchedDistractors(miner, images, replay=cfg.loss == "ce-replay")
+
+
+def step_loss(step: Step, y: torch.Tensor, criterion: DistractorLoss, cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
+    """(total, cross-entropy, distractor term) of one step.
+
+    ``nil``: CE + lambda * distractor term; ``ce-replay``: CE over the batch and the distractor
+    images together; ``ce``: CE. The term is built from z in every step (zero while there is no
+    distractor), so the projection head takes part in every step on every rank.
+    """
+    logits, labels = step.out.logits.float(), y
+    if step.replay is not None:
+        logits = torch.cat([logits, step.replay.logits.float()])
+        labels = torch.cat([y, step.replay_labels])
+    ce = F.cross_entropy(logits, labels)
+    z = step.out.z.float()
+    if cfg.loss == "nil" and step.pairs is not None:
+        p = step.pairs
+        dist = criterion(z, p.distractor, p.valid, p.positive, p.positive_valid)
+    else:
+        dist = z.sum() * 0.0
+    return ce + cfg.lam * dist, ce, dist
+
+
+def _train_epoch(model, loader, optimizer, scheduler, criterion, source: DistractorSource, cfg: TrainConfig,
+                 device: torch.device, distractor_on: bool, epoch: int, resumed_stats: dict | None = None,
+                 after_step=None) -> _StepStats:
     """One epoch over ``loader`` (or the rest of one: ``resumed_stats`` holds what was done);
-    ``after_step(epoch, stats)`` runs after every optimiser step (step checkpoints); ``fresh``
-    re-embeds the mined distractors' images in the step (``--fresh-distractors``)."""
+    ``after_step(epoch, stats)`` runs after every optimiser step (step checkpoints).
+
+    The step: ``source`` embeds the batch and finds its distractors (every forward pass of the
+    step under :func:`~nil.batchnorm.batch_statistics`), the loss, the update, then the source
+    takes the batch in (its memory)."""
     model.train()
+    network = distributed.unwrap(model)
     stats = _StepStats(**resumed_stats) if resumed_stats else _StepStats()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
     for x, y, sid in bar:
         x, y, sid = x.to(device, non_blocking=True), y.to(device), sid.to(device)
-        with autocast(device, cfg.precision):
-            out = model(x)
-            ce = F.cross_entropy(out.logits.float(), y)
-        z = out.z.float()
-        if not bool(torch.isfinite(z).all()):  # before mining: a NaN never reaches the distractor memory
-            raise NilError(f"the embeddings became NaN or infinite at epoch {epoch + 1}, step {stats.steps + 1} "
-                           f"(global step {scheduler.last_epoch + 1}); nothing of this step was stored and the "
-                           "last good last.pt is kept; lower --lr or check the data")
-        dist = torch.zeros((), device=device)
-        with_d = 0.0
-        if cfg.loss == "nil":
-            if miner is not None:
-                mined = miner.mine(z.detach(), y, sid)
-            else:
-                mined = gradient_distractor(distributed.unwrap(model), out.features, out.logits, y,
-                                            cfg.gradient_step)
-            if distractor_on:
-                if fresh is not None:
-                    mined = fresh.refresh(model, mined, autocast(device, cfg.precision))
-                dist = criterion(z, mined.distractor, mined.valid, mined.positive, mined.positive_valid)
-                with_d = float(mined.valid.sum())
-        loss = ce + cfg.lam * dist
+        with batch_statistics(network), autocast(device, cfg.precision):
+            step = source.step(model, x, y, sid, distractor_on)
+            if not bool(torch.isfinite(step.out.z).all()):  # before anything is stored
+                raise NilError(f"the embeddings became NaN or infinite at epoch {epoch + 1}, step {stats.steps + 1} "
+                               f"(global step {scheduler.last_epoch + 1}); nothing of this step was stored and the "
+                               "last good last.pt is kept; lower --lr or check the data")
+            loss, ce, dist = step_loss(step, y, criterion, cfg)
         if not torch.isfinite(loss):
             raise NilError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {stats.steps + 1} "
                            f"(global step {scheduler.last_epoch + 1}); the last good last.pt is kept; "
@@ -283,9 +310,9 @@ def _train_epoch(model, loader, optimizer, scheduler, criterion, miner, cfg: Tra
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if miner is not None:
-            miner.update(z.detach(), y, sid)
-        correct = float((out.logits.argmax(1) == y).sum())
+        source.update(step, y, sid)
+        with_d = float(step.pairs.valid.sum()) if step.pairs is not None else 0.0
+        correct = float((step.out.logits.argmax(1) == y).sum())
         stats.add(len(y), loss.item(), ce.item(), dist.item(), with_d, correct)
         bar.set_postfix(loss=f"{stats.loss / stats.seen:.3f}")
         if after_step is not None:

@@ -225,3 +225,22 @@ def test_two_process_index_build_equals_one_process_build(tmp_path, tiny_npz):
     v, y, i = a.store.view()
     ra, rb = a.search_other_class(v, y, 3, query_ids=i), b.search_other_class(v, y, 3, query_ids=i)
     assert torch.equal(ra.ids, rb.ids) and torch.equal(ra.distances, rb.distances)
+
+
+@pytest.mark.parametrize("extra", [
+    # the defaults (warm-up on: the projection head is idle in epoch 1, active in epoch 2)
+    [],
+    ["--fresh-distractors", "--warmup-epochs", "0", "--ann", "faiss", "--ann-index", "flat"],
+    ["--loss", "ce-replay", "--warmup-epochs", "0"],
+])
+def test_two_process_training_runs_every_source_across_epochs(tmp_path, tiny_npz, extra):
+    """Two epochs under torchrun with the default options and with distractor images embedded in the
+    step: every parameter takes part in every step on every rank, so DDP never waits for a gradient."""
+    out = tmp_path / "ddp"
+    args = ["train", "--data", str(tiny_npz), "--out", str(out), "--model", "small_cnn", "--epochs", "2",
+            "--batch-size", "32", "--embed-dim", "16", "--device", "cpu", "--seed", "0", "--no-progress", *extra]
+    _torchrun(args)
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in lines] == [1, 2]
+    assert lines[-1]["distractor_on"] and lines[-1]["train"]["distractor_rate"] > 0.5
+    assert json.loads((out / "metrics.json").read_text())["test"]["accuracy"] > 0

@@ -26,6 +26,8 @@ def cli_args(cfg: dict) -> list[str]:
     for k, v in cfg.items():
         if k == "progress":
             args.append("--no-progress")
+        elif k == "fresh_distractors":
+            args.append("--fresh-distractors")
         else:
             args += [f"--{k.replace('_', '-')}", str(v)]
     return args
@@ -55,6 +57,8 @@ def epoch_lines(run: Path) -> list[dict]:
     (dict(ann="faiss", ann_index="flat", refresh_every=5, checkpoint_every=4, variant="triplet"), 11),
     # no step checkpoints: the resumed run redoes epoch 2 from the epoch-1 last.pt
     (dict(ann="exact"), 9),
+    # distractor images re-embedded in the step (their random flips come from the restored RNG)
+    (dict(ann="exact", fresh_distractors=True, checkpoint_every=4), 5),
 ])
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_npz, kw, kill_at):
     cfg = BASE | kw

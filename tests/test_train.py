@@ -1,4 +1,3 @@
-import contextlib
 import json
 
 import pytest
@@ -96,27 +95,6 @@ def test_retinamnist_short_run_beats_the_majority_rate(tmp_path, shared_npz):
                          embed_dim=32, warmup_epochs=1))
     assert result["test"]["accuracy"] > 0.435
     assert result["test"]["n"] == 400
-
-
-def test_fresh_distractors_are_the_current_embeddings_of_the_mined_images(tiny_npz):
-    from nil.data import make_transform, open_dataset
-    from nil.mining import FreshDistractors, Mined
-    from nil.models import build_model
-
-    ds = open_dataset(str(tiny_npz))
-    torch.manual_seed(0)
-    model = build_model("small_cnn", ds.num_classes, ds.channels, 16, 8, None).eval()
-    fresh = FreshDistractors(ds.train, make_transform(False, 16, ds.channels))
-    ids = torch.tensor([int(ds.train.ids[4]), -1, int(ds.train.ids[7]), 10**9])  # a miss, an unknown id
-    stale = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
-    valid = torch.tensor([True, False, True, True])
-    out = fresh.refresh(model, Mined(stale, valid, ids), contextlib.nullcontext())
-    x = torch.stack([fresh.split[4][0], fresh.split[7][0]])
-    expected = model(x).z
-    assert torch.allclose(out.distractor[[0, 2]], expected, atol=1e-6)
-    assert torch.equal(out.distractor[[1, 3]], stale[[1, 3]])  # no image to re-embed: the stored vector stays
-    out.distractor.sum().backward()  # the loss reaches the network through the distractor side too
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
 def test_fresh_distractors_train_and_are_refused_with_gradient(tmp_path, tiny_npz):

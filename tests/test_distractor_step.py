@@ -1,0 +1,180 @@
+"""The distractor step: one design for every source, BatchNorm statistics of the training data only.
+
+Design under test (nil.batchnorm, nil.mining): within a step the training batch's forward pass is
+ordinary training BatchNorm; every other pass of the step (distractor images, the gradient
+distractor's moved features) is normalised with that batch's statistics and leaves the running
+statistics alone.
+"""
+
+import json
+
+import pytest
+import torch
+
+from nil.batchnorm import batch_statistics
+from nil.config import TrainConfig
+from nil.data import make_transform, open_dataset
+from nil.errors import NilError
+from nil.losses import DistractorLoss
+from nil.mining import (DistractorImages, DistractorMiner, DistractorSource, GradientDistractors,
+                        SearchedDistractors)
+from nil.models import build_model
+from nil.train import _train_epoch, make_scheduler, train
+
+
+def _buffers(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def setup(tiny_npz):
+    ds = open_dataset(str(tiny_npz))
+    torch.manual_seed(0)
+    model = build_model("small_cnn", ds.num_classes, ds.channels, 16, 8).train()
+    images = DistractorImages(ds.train, make_transform(False, 16, ds.channels))  # no flips: comparable
+    rows = torch.arange(12)
+    x, y = images.load(rows, torch.device("cpu"))
+    ids = torch.as_tensor(ds.train.ids[:12], dtype=torch.int64)
+    return ds, model, images, x, y, ids
+
+
+def _plain_batch_buffers(model, x):
+    """Running statistics after one ordinary train-mode forward of the batch alone."""
+    ref = build_model("small_cnn", 3, 3, 16, 8)
+    ref.load_state_dict(model.state_dict())
+    ref.train()(x)
+    return _buffers(ref)
+
+
+@pytest.mark.parametrize("source_name", ["fresh", "replay", "gradient", "batch"])
+def test_running_statistics_after_a_step_are_those_of_the_training_batch_alone(setup, source_name):
+    ds, model, images, x, y, ids = setup
+    expected = _plain_batch_buffers(model, x)
+    miner = DistractorMiner("exact", ds.num_classes, 8)
+    other_x, other_y = images.load(torch.arange(12, 40), torch.device("cpu"))
+    with torch.no_grad():  # a memory of other training samples, embedded without touching the statistics
+        miner.update(model.eval()(other_x).z, other_y, torch.as_tensor(ds.train.ids[12:40], dtype=torch.int64))
+    model.train()
+    source = {"fresh": SearchedDistractors(miner, images),
+              "replay": SearchedDistractors(miner, images, replay=True),
+              "gradient": GradientDistractors(0.5),
+              "batch": SearchedDistractors(DistractorMiner("none", ds.num_classes, 8), images)}[source_name]
+    with batch_statistics(model):
+        step = source.step(model, x, y, ids, active=True)
+    assert step.pairs.valid.all()
+    if source_name in ("fresh", "replay"):  # distractor images really went through the network
+        assert step.replay is not None if source_name == "replay" else step.pairs.distractor.requires_grad
+    assert _same(_buffers(model), expected)
+
+
+def test_gradient_distractor_search_leaves_running_statistics_unchanged(setup):
+    ds, model, images, x, y, ids = setup
+    with batch_statistics(model):
+        out = model(x)
+        after_batch = _buffers(model)
+        GradientDistractors(0.5).step(model, x, y, ids, active=True)  # a second batch pass is the same batch
+        from nil.mining import gradient_distractor
+        gradient_distractor(model, out.features, out.logits, y, 0.5)
+    assert not _same(after_batch, _buffers(build_model("small_cnn", 3, 3, 16, 8)))
+    assert _same(_buffers(model), after_batch)
+
+
+def test_a_distractor_image_is_embedded_as_a_member_of_the_batch(setup):
+    """Replayed through the image path, a sample of the batch gets the embedding the batch gave it."""
+    ds, model, images, x, y, ids = setup
+    miner = DistractorMiner("none", ds.num_classes, 8)
+    with batch_statistics(model):
+        step = SearchedDistractors(miner, images, replay=True).step(model, x, y, ids, active=True)
+    rows = step.pairs.ids  # every distractor is in the batch; replay embeds its image again
+    where = (rows[:, None] == ids[None, :]).float().argmax(1)
+    assert torch.allclose(step.replay.z, step.out.z[where], atol=1e-5)
+    assert torch.equal(step.replay_labels, y[where])
+    # a plain train-mode pass over the distractor images alone would normalise with their own statistics
+    alone = build_model("small_cnn", 3, 3, 16, 8)
+    alone.load_state_dict(model.state_dict())
+    assert not torch.allclose(alone.train()(x[where][:3]).z, step.out.z[where][:3], atol=1e-3)
+
+
+def _one_step(model, source, cfg, x, y, ids):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = make_scheduler(optimizer, "cosine", 1)
+    return _train_epoch(model, [(x, y, ids)], optimizer, scheduler, DistractorLoss(cfg.margin), source, cfg,
+                        torch.device("cpu"), True, 0)
+
+
+@pytest.mark.parametrize("loss, fresh", [("nil", True), ("nil", False), ("ce-replay", True)])
+@pytest.mark.parametrize("batch", [1, 2, 12])
+def test_steps_with_one_distractor_or_one_sample_do_not_crash(setup, loss, fresh, batch):
+    """Only the last sample of the batch has a distractor (the memory holds one class only)."""
+    ds, model, images, x, y, ids = setup
+    x, y, ids = x[:batch], y[:batch].clone(), ids[:batch]
+    y[:] = 0
+    y[-1] = 1
+    miner = DistractorMiner("exact", ds.num_classes, 8)
+    stored_rows = torch.tensor([r for r in range(20, 60) if int(ds.train.labels[r]) == 0][:5])
+    sx, sy = images.load(stored_rows, torch.device("cpu"))
+    with torch.no_grad():
+        miner.update(model.eval()(sx).z, sy, torch.as_tensor(ds.train.ids[stored_rows.numpy()], dtype=torch.int64))
+    model.train()
+    cfg = TrainConfig(data="-", out="-", loss=loss, fresh_distractors=fresh, progress=False)
+    source = SearchedDistractors(miner, images if (fresh or loss == "ce-replay") else None, replay=loss == "ce-replay")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = _one_step(model, source, cfg, x, y, ids)
+    assert stats.with_distractor == 1 and stats.seen == batch
+    assert torch.isfinite(torch.tensor(stats.loss))
+    changed = [k for k, v in model.state_dict().items() if "weight" in k and not torch.equal(v, before[k])]
+    assert any(k.startswith("projection") for k in changed)  # the head took part
+
+
+def test_the_projection_head_takes_part_in_steps_without_any_distractor(setup):
+    ds, model, images, x, y, ids = setup
+    cfg = TrainConfig(data="-", out="-", loss="ce", progress=False)
+    model.zero_grad()
+    _one_step(model, DistractorSource(), cfg, x, y, ids)
+    assert all(p.grad is not None for p in model.parameters())  # zero gradients, but no unused parameter
+
+
+def test_no_search_during_warmup(tmp_path, tiny_npz):
+    cfg = TrainConfig(data=str(tiny_npz), out=str(tmp_path / "r"), model="small_cnn", epochs=2, batch_size=32,
+                      embed_dim=8, warmup_epochs=1, progress=False, device="cpu", fresh_distractors=True)
+    train(cfg)
+    lines = [json.loads(s) for s in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["mining"]["mining_ms_per_step"] == 0.0 and lines[0]["mining"]["upsert_ms_per_step"] > 0
+    assert lines[1]["mining"]["mining_ms_per_step"] > 0 and lines[1]["train"]["distractor_rate"] > 0.9
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(distractor="gradient", fresh_distractors=True), "fresh-distractors"),
+    (dict(distractor="gradient", loss="ce-replay"), "ce-replay"),
+    (dict(distractor="gradient", variant="triplet"), "triplet"),
+    (dict(distractor="gradient", index_from="x"), "index-from"),
+    (dict(schedule="linear"), "schedule"),
+])
+def test_combinations_that_cannot_work_are_refused_up_front(tmp_path, tiny_npz, kw, message):
+    cfg = TrainConfig(data=str(tiny_npz), out=str(tmp_path / "r"), progress=False, device="cpu", **kw)
+    with pytest.raises(NilError, match=message):
+        train(cfg)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(loss="nil", ann="none", fresh_distractors=True),
+    dict(loss="nil", ann="exact", fresh_distractors=True, variant="triplet"),
+    dict(loss="nil", ann="faiss", ann_index="flat", fresh_distractors=True, audit_every=2),
+    dict(loss="ce-replay", ann="exact"),
+    dict(loss="ce-replay", ann="none"),
+    dict(loss="nil", distractor="gradient", schedule="step"),
+])
+def test_every_source_trains_end_to_end(tmp_path, tiny_npz, kw):
+    cfg = TrainConfig(data=str(tiny_npz), out=str(tmp_path / "r"), model="small_cnn", epochs=2, batch_size=32,
+                      embed_dim=8, warmup_epochs=0, progress=False, device="cpu", **kw)
+    result = train(cfg)
+    lines = [json.loads(s) for s in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["train"]["distractor_rate"] > 0.5
+    if kw["loss"] == "ce-replay":
+        assert lines[-1]["train"]["loss_distractor"] == 0.0
+    assert 0.0 <= result["test"]["accuracy"] <= 1.0
