@@ -88,3 +88,67 @@ def bench_accuracy(datasets, models, arms, seeds, epochs, precision, batch_size,
         raise click.ClickException(str(exc)) from None
     click.echo(Path(out).with_suffix(".md").read_text())
     click.echo(f"{len(result['rows'])} runs in {result['total_s'] / 60:.1f} min; results: {out}")
+
+
+@bench.command("study")
+@click.argument("stage", type=click.Choice(["tune", "final", "report"]))
+@click.option("--datasets", default="retinamnist,breastmnist", show_default=True, help="Comma-separated.")
+@click.option("--models", default="small_cnn,resnet18", show_default=True, help="final: comma-separated models.")
+@click.option("--arms", default="ce,ce-matched,nil-fresh,nil-stored", show_default=True,
+              help="Comma-separated arms (ce, ce-matched = CE with replayed distractor images, nil-fresh, nil-stored).")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="final: comma-separated seeds.")
+@click.option("--tune-seeds", default="100", show_default=True, help="tune: seeds (keep them apart from --seeds).")
+@click.option("--tune-models", default="small_cnn", show_default=True, help="tune: models the grids run on.")
+@click.option("--epochs", default="small_cnn=30,resnet18=30", show_default=True,
+              help="Epochs for every model (N) or per model (MODEL=N,...); the same for every arm.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="Training autocast (bf16 only pays on CPUs with AVX-512 BF16 or AMX, and on GPUs).")
+@click.option("--threads", default=None, type=int, help="torch threads of this process [default: torch's].")
+@click.option("--data-dir", default=None, type=click.Path(), help="Folder with the .npz files [default: ../shared/data].")
+@click.option("--workdir", default="runs/study", show_default=True, help="Where the run folders are written.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", default="benchmarks/results/study.json", show_default=True, type=click.Path(),
+              help="Report; study-runs.jsonl (every finished run) and study-choice.json sit beside it.")
+def bench_study(stage, datasets, models, arms, seeds, tune_seeds, tune_models, epochs, precision, threads, data_dir,
+                workdir, device, out):
+    """Does distractor-aware training help? A resumable study against fair baselines.
+
+    STAGE tune: every arm's grid (the same number of settings each) on the validation split only;
+    each arm's choice is frozen in study-choice.json. STAGE final: every model, seed, dataset and
+    arm with its frozen choice, test read once per run; study.json/.md rewritten after each run.
+    STAGE report: rewrite study.json/.md from the finished runs. Finished runs are skipped, so an
+    interrupted study continues where it stopped.
+    """
+    _benchmarks()
+    import torch
+
+    from benchmarks.study import ARMS, Study, run_final, run_tuning, write_report
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        seed_list = [int(s) for s in _words(seeds)]
+        tune_seed_list = [int(s) for s in _words(tune_seeds)]
+    except ValueError:
+        raise click.BadParameter("seeds must be comma-separated integers") from None
+    arm_list = _words(arms)
+    unknown = [a for a in arm_list if a not in ARMS]
+    if unknown:
+        raise click.BadParameter(f"unknown arms {unknown}: choose from {list(ARMS)}", param_hint="--arms")
+    model_list = _words(models)
+    study = Study(datasets=_words(datasets), models=model_list, arms=arm_list, seeds=seed_list,
+                  tune_seeds=tune_seed_list, tune_models=_words(tune_models),
+                  epochs=_epochs(epochs, sorted(set(model_list) | set(_words(tune_models)))), precision=precision,
+                  device=device, workdir=workdir, out=out, data_dir=data_dir)
+    command = "nil " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        if stage == "tune":
+            choices = run_tuning(study)
+            for arm in arm_list:
+                click.echo(f"{arm}: {choices[arm]['params'] if arm in choices else 'not all tuning runs done'}")
+            return
+        result = run_final(study, command) if stage == "final" else write_report(study, command)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{result['finished_runs']} of {result['planned_runs']} final runs; wrote {out} and "
+               f"{Path(out).with_suffix('.md')}")

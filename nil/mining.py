@@ -222,6 +222,18 @@ class Step:
     replay_labels: torch.Tensor | None = None
 
 
+class EmbeddingsNotFinite(ValueError):
+    """The batch's embeddings hold NaN or inf; raised before any search or memory sees them."""
+
+
+def embed(model, x: torch.Tensor) -> ModelOutput:
+    """The batch's forward pass, refused when its embeddings are not finite."""
+    out = model(x)
+    if not bool(torch.isfinite(out.z).all()):
+        raise EmbeddingsNotFinite("the embeddings became NaN or infinite")
+    return out
+
+
 class DistractorSource:
     """Where each sample's distractor comes from; the trainer calls it once per step.
 
@@ -235,7 +247,7 @@ class DistractorSource:
     miner: DistractorMiner | None = None  # the memory searched, saved in last.pt (None: nothing to save)
 
     def step(self, model, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, active: bool) -> Step:
-        return Step(model(x))
+        return Step(embed(model, x))
 
     def update(self, step: Step, y: torch.Tensor, ids: torch.Tensor) -> None:
         pass
@@ -261,7 +273,7 @@ class SearchedDistractors(DistractorSource):
         self.miner, self.images, self.replay = miner, images, replay
 
     def step(self, model, x, y, ids, active):
-        out = model(x)
+        out = embed(model, x)
         if not active:
             return Step(out)
         pairs = self.miner.mine(out.z.detach().float(), y, ids)
@@ -303,7 +315,7 @@ class GradientDistractors(DistractorSource):
         self.step_size = step_size
 
     def step(self, model, x, y, ids, active):
-        out = model(x)
+        out = embed(model, x)
         if not active:
             return Step(out)
         return Step(out, gradient_distractor(distributed.unwrap(model), out.features, out.logits, y, self.step_size))

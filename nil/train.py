@@ -38,7 +38,7 @@ from nil.losses import DistractorLoss
 from nil.loaders import make_loader
 from nil.metrics import classification_metrics, summary
 from nil.batchnorm import batch_statistics
-from nil.mining import (DistractorImages, DistractorMiner, DistractorSource, GradientDistractors,
+from nil.mining import (DistractorImages, DistractorMiner, DistractorSource, EmbeddingsNotFinite, GradientDistractors,
                         SearchedDistractors, Step)
 from nil.models import build_model
 from nil.predict import autocast, predict
@@ -296,11 +296,12 @@ def _train_epoch(model, loader, optimizer, scheduler, criterion, source: Distrac
     for x, y, sid in bar:
         x, y, sid = x.to(device, non_blocking=True), y.to(device), sid.to(device)
         with batch_statistics(network), autocast(device, cfg.precision):
-            step = source.step(model, x, y, sid, distractor_on)
-            if not bool(torch.isfinite(step.out.z).all()):  # before anything is stored
+            try:
+                step = source.step(model, x, y, sid, distractor_on)
+            except EmbeddingsNotFinite:  # raised before any search or memory saw them
                 raise NilError(f"the embeddings became NaN or infinite at epoch {epoch + 1}, step {stats.steps + 1} "
                                f"(global step {scheduler.last_epoch + 1}); nothing of this step was stored and the "
-                               "last good last.pt is kept; lower --lr or check the data")
+                               "last good last.pt is kept; lower --lr or check the data") from None
             loss, ce, dist = step_loss(step, y, criterion, cfg)
         if not torch.isfinite(loss):
             raise NilError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {stats.steps + 1} "

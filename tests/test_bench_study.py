@@ -1,0 +1,97 @@
+"""`nil bench study` on tiny data: tuning on validation only, a frozen choice, resumable final runs, paired figures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+import benchmarks.study as study_module
+from benchmarks.study import Study, load_rows, paired, run_final, run_tuning
+from cli.main import main
+
+
+@pytest.fixture
+def small_grid(monkeypatch):
+    """Two settings per arm, so the test stays in seconds."""
+    monkeypatch.setattr(study_module, "GRID", {
+        "ce": {"lr": [1e-3, 3e-3]},
+        "ce-matched": {"lr": [1e-3, 3e-3]},
+        "nil-fresh": {"lam": [0.3, 1.0]},
+        "nil-stored": {"lam": [0.3, 1.0]},
+    })
+
+
+@pytest.fixture
+def study(tiny_npz, tmp_path, small_grid) -> Study:
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(tiny_npz, data / "retinamnist.npz")
+    return Study(datasets=["retinamnist"], models=["small_cnn"], arms=["ce", "ce-matched", "nil-fresh"],
+                 seeds=[0, 1], tune_seeds=[100], tune_models=["small_cnn"], epochs={"small_cnn": 1}, batch_size=16,
+                 data_dir=str(data), workdir=str(tmp_path / "runs"), out=str(tmp_path / "results" / "study.json"))
+
+
+def test_tuning_reads_no_test_split_and_freezes_the_best_validation_setting(study):
+    choices = run_tuning(study)
+    rows = list(load_rows(study).values())
+    assert len(rows) == 3 * 2 and all(r["stage"] == "tune" and r["test"] is None for r in rows)
+    for arm in study.arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        score = {json.dumps({k: r["arm_params"][k] for k in choices[arm]["params"]}):
+                 (r["val"]["balanced_accuracy"] + r["val"]["auc"]) / 2 for r in mine}
+        assert score[json.dumps(choices[arm]["params"])] == pytest.approx(max(score.values()))
+
+    # a frozen choice is never changed, even when its runs are edited afterwards to make another setting best
+    frozen = study.choice_file.read_text()
+
+    def flipped(r):
+        chosen = all(r["arm_params"][k] == v for k, v in choices[r["arm"]]["params"].items())
+        return dict(r, val=dict(r["val"], balanced_accuracy=0.0 if chosen else 1.0, auc=0.0 if chosen else 1.0))
+
+    edited = [flipped(r) for r in rows]
+    study.runs_file.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    run_tuning(study)
+    assert study.choice_file.read_text() == frozen
+
+
+def test_final_refuses_to_start_before_tuning(study):
+    with pytest.raises(ValueError, match="tune stage first"):
+        run_final(study)
+
+
+def test_final_runs_are_written_as_they_finish_and_a_rerun_skips_them(study):
+    run_tuning(study)
+    result = run_final(study, "nil bench study final")
+    finals = [r for r in load_rows(study).values() if r["stage"] == "final"]
+    assert result["finished_runs"] == len(finals) == result["planned_runs"] == 3 * 2
+    assert all(r["test"] is not None and r["selected_by"] == "val balanced_accuracy" for r in finals)
+    choices = json.loads(study.choice_file.read_text())
+    for r in finals:
+        assert all(r["arm_params"][k] == v for k, v in choices[r["arm"]]["params"].items())
+    before = study.runs_file.read_text()
+    run_final(study, "nil bench study final")  # nothing left to do: no run is trained again
+    assert study.runs_file.read_text() == before
+
+    md = study.choice_file.with_name("study.md").read_text()
+    assert "Tuning (validation only" in md and "Paired differences" in md and "published" in md
+
+
+def test_paired_differences_interval_and_wins():
+    def row(arm, seed, bal):
+        return {"dataset": "d", "model": "m", "arm": arm, "seed": seed,
+                "test": {"balanced_accuracy": bal, "auc": bal, "macro_f1": bal, "accuracy": bal, "qwk": None}}
+
+    rows = [row("ce", s, 0.5) for s in range(3)] + [row("nil", 0, 0.6), row("nil", 1, 0.4), row("nil", 2, 0.8)]
+    (p,) = paired(rows, "ce")
+    assert p["pairs"] == 3 and p["balanced_accuracy"] == pytest.approx(0.1)
+    assert p["balanced_accuracy_wins"] == 2 and p["qwk"] is None
+    lo, hi = p["balanced_accuracy_ci95"]  # diffs 0.1, -0.1, 0.3: sd 0.2, t(2) = 4.303
+    assert lo == pytest.approx(0.1 - 4.303 * 0.2 / 3 ** 0.5) and hi == pytest.approx(0.1 + 4.303 * 0.2 / 3 ** 0.5)
+
+
+def test_study_command_rejects_an_unknown_arm(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "study", "tune", "--arms", "ce,magic", "--out", str(tmp_path / "s.json")])
+    assert result.exit_code != 0 and "unknown arms ['magic']" in result.output
