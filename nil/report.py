@@ -3,8 +3,9 @@
 Writes ``RUN_DIR/report/`` with ``index.html`` (every picture inlined, so it opens offline) and the
 PNGs it shows beside it: training curves, the confusion matrix, a distractor gallery (test images
 beside their nearest training images of another class) and suspect labels (training samples whose
-nearest neighbours are mostly of one other class: likely label noise or true look-alikes), also
-listed in ``suspects.csv``.
+nearest neighbours vote, class-balanced, for one other class: likely label noise or true look-alikes),
+also listed in ``suspects.csv``. It states every setting that changes the method, and warns when the
+model is no better than always predicting the majority class.
 """
 
 from __future__ import annotations
@@ -120,24 +121,67 @@ def knn_any_class(x: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Ten
     return torch.cat(out_d), torch.cat(out_i)
 
 
-def find_suspects(z: np.ndarray, labels: np.ndarray, k: int = 10, min_fraction: float = 0.6) -> pd.DataFrame:
-    """Training samples whose k nearest neighbours are mostly (>= min_fraction) of one other class.
+def find_suspects(z: np.ndarray, labels: np.ndarray, k: int = 20, min_fraction: float = 0.8) -> pd.DataFrame:
+    """Training samples whose k nearest neighbours vote, class-balanced, for one other class (>= min_fraction).
 
-    Returns rows ranked by that fraction, then by the mean distance to those neighbours.
+    Each neighbour's vote is weighted by the inverse frequency of its class in ``labels``, so a
+    minority-class sample is not a suspect merely because most of its neighbours are of the majority
+    class, as they are by chance in an imbalanced set. ``fraction`` is that balanced share of the
+    suspected class; ``raw_fraction`` the plain share. Rows ranked by ``fraction``, then by the mean
+    distance to the suspected class's neighbours.
     """
     d, rows = knn_any_class(torch.from_numpy(z), k)
     neighbour_labels = labels[rows.numpy()]
+    counts = np.bincount(labels, minlength=int(labels.max()) + 1).astype(float)
+    weight = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
     found = []
     for i, (lab, nl) in enumerate(zip(labels, neighbour_labels)):
-        others = Counter(int(c) for c in nl if c != lab)
-        if not others:
-            continue
-        cls, count = others.most_common(1)[0]
-        fraction = count / len(nl)
-        if fraction >= min_fraction:
-            found.append((i, int(lab), cls, fraction, float(d[i][nl == cls].mean())))
-    table = pd.DataFrame(found, columns=["row", "label", "suspected_class", "fraction", "mean_distance"])
+        votes = np.bincount(nl, weights=weight[nl], minlength=len(counts))
+        votes = votes / votes.sum()
+        votes[lab] = -1.0
+        cls = int(votes.argmax())
+        if votes[cls] >= min_fraction:
+            found.append((i, int(lab), cls, float(votes[cls]), float((nl == cls).mean()),
+                          float(d[i][nl == cls].mean())))
+    table = pd.DataFrame(found, columns=["row", "label", "suspected_class", "fraction", "raw_fraction",
+                                         "mean_distance"])
     return table.sort_values(["fraction", "mean_distance"], ascending=[False, True], kind="stable")
+
+
+def majority_warning(cm: np.ndarray, split: str = "test") -> str | None:
+    """A sentence when the model's accuracy on ``split`` is not above always predicting its largest class."""
+    cm = np.asarray(cm)
+    total = cm.sum()
+    if total == 0:
+        return None
+    accuracy, majority = np.trace(cm) / total, cm.sum(1).max() / total
+    if accuracy > majority:
+        return None
+    return (f"this model's {split} accuracy {accuracy:.3f} is not above the majority-class rate {majority:.3f} "
+            "(always predicting the largest class): it has not learned the task yet, so its distractors and "
+            "suspect labels say little; train longer or check the data")
+
+
+def method_settings(config: dict) -> dict:
+    """Every setting that changes the method, in the words of the ``nil train`` options."""
+    loss = config.get("loss")
+    out = {"loss": loss, "model": config.get("model"), "epochs": config.get("epochs"),
+           "batch_size": config.get("batch_size"), "lr": config.get("lr"), "schedule": config.get("schedule"),
+           "select_metric": config.get("select_metric"), "seed": config.get("seed")}
+    if loss in ("nil", "ce-replay"):
+        ann = config.get("ann")
+        source = ("gradient" if config.get("distractor") == "gradient"
+                  else "batch (--ann none)" if ann == "none" else f"memory (--ann {ann})")
+        out |= {"distractor source": source,
+                "ann_index": config.get("ann_index") if config.get("ann") == "faiss" else None,
+                "distractor vectors": ("moved features of the sample itself" if source == "gradient"
+                                       else "this step's batch embeddings" if ann == "none"
+                                       else "re-embedded in the step (fresh)" if config.get("fresh_distractors")
+                                       or loss == "ce-replay" else "stored in the memory (up to an epoch old)"),
+                "warmup_epochs": config.get("warmup_epochs")}
+    if loss == "nil":
+        out |= {"lam": config.get("lam"), "margin": config.get("margin"), "variant": config.get("variant")}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _b64(path: Path) -> str:
@@ -187,6 +231,9 @@ def build_report(run_dir: str | Path, n_gallery: int = 8, k: int = 4, n_suspects
     fig.savefig(out / "gallery.png", dpi=110)
     plt.close(fig)
 
+    warning = majority_warning(cm)
+    if warning:
+        LOG.warning("%s", warning)
     suspects = find_suspects(train_emb["vectors"], train_emb["labels"])
     suspects.insert(0, "id", train_emb["ids"][suspects["row"].to_numpy()] if len(suspects) else [])
     suspects.insert(1, "key", [train_emb["keys"][r] for r in suspects["row"]])
@@ -208,12 +255,12 @@ def build_report(run_dir: str | Path, n_gallery: int = 8, k: int = 4, n_suspects
         plt.close(fig)
 
     html_path = out / "index.html"
-    html_path.write_text(_html(run_dir, config, metrics, per_class, gallery_rows, top, out))
+    html_path.write_text(_html(run_dir, config, metrics, per_class, gallery_rows, top, out, warning))
     return html_path
 
 
 def _html(run_dir: Path, config: dict, metrics: dict, per_class: pd.DataFrame, gallery_rows: list[dict],
-          suspects: pd.DataFrame, out: Path) -> str:
+          suspects: pd.DataFrame, out: Path, warning: str | None = None) -> str:
     def img(name: str, alt: str) -> str:
         if not (out / name).exists():
             return "<p>(none)</p>"
@@ -222,8 +269,8 @@ def _html(run_dir: Path, config: dict, metrics: dict, per_class: pd.DataFrame, g
     test = metrics["test"]
     rows = "".join(f"<tr><td>{k}</td><td>{'n/a' if test.get(k) is None else f'{test[k]:.4f}'}</td></tr>"
                    for k in ("accuracy", "balanced_accuracy", "macro_f1", "auc", "qwk"))
-    settings = {k: config.get(k) for k in ("data", "model", "loss", "ann", "ann_index", "lam", "margin", "variant",
-                                           "warmup_epochs", "distractor", "epochs", "batch_size", "lr", "seed")}
+    settings = {"data": config.get("data")} | method_settings(config)
+    alert = f'<p id="warning"><strong>Warning:</strong> {html.escape(warning)}.</p>' if warning else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>nil report: {html.escape(run_dir.name)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
@@ -232,6 +279,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:100%
 <h1>nil report: {html.escape(str(run_dir))}</h1>
 <p>best epoch {metrics['best_epoch']} of {metrics['epochs']} by validation {html.escape(metrics['select_metric'])};
 test metrics of best.pt, {test['n']} images.</p>
+{alert}
 <table id="test-metrics"><tr><th>test metric</th><th>value</th></tr>{rows}</table>
 <h2>Settings</h2><pre>{html.escape(json.dumps(settings, indent=1))}</pre>
 <h2>Training curves</h2>{img('curves.png', 'training curves')}
@@ -242,8 +290,9 @@ test metrics of best.pt, {test['n']} images.</p>
 {img('gallery.png', 'distractor gallery')}
 {pd.DataFrame(gallery_rows).to_html(index=False, table_id='gallery') if gallery_rows else ''}
 <h2>Suspect labels</h2>
-<p>Training samples whose 10 nearest neighbours are mostly of one other class: likely label noise or true
-look-alikes. All of them are in <a href="suspects.csv">suspects.csv</a>; the top {len(suspects)} are shown.</p>
+<p>Training samples whose 20 nearest neighbours vote for one other class (at least 80% of the votes, each
+neighbour's vote weighted by the inverse frequency of its class, so a minority-class image is not listed merely
+for sitting among the majority class): likely label noise or true look-alikes. All of them are in <a href="suspects.csv">suspects.csv</a>; the top {len(suspects)} are shown.</p>
 {img('suspects.png', 'suspect labels')}
 {suspects.to_html(index=False, table_id='suspects', float_format=lambda v: f'{v:.3f}') if len(suspects) else '<p>none</p>'}
 </body></html>
