@@ -1,14 +1,19 @@
-"""Glue between training and the distractor search: find each sample's distractor, keep the memory fresh.
+"""Where each sample's distractor comes from: the distractor sources the trainer calls once per step.
 
-Every training step the trainer calls :meth:`DistractorMiner.mine` with the batch's detached
-embeddings (before they enter the memory, so a sample never meets its own stale copy), computes the
-loss, then :meth:`DistractorMiner.update` streams the batch into the memory, keyed by sample id.
+A :class:`DistractorSource` embeds the batch and finds its distractors in ``step(model, x, y, ids,
+active)``, and takes the batch into its memory in ``update`` after the optimiser step (so a sample
+never meets its own stale copy). The sources:
 
-``ann`` chooses where distractors come from:
+- :class:`DistractorSource` itself: cross-entropy, the batch alone;
+- :class:`SearchedDistractors`: the nearest other-class sample, searched by a :class:`DistractorMiner`
+  in the current batch (``--ann none``) or in a memory of every training sample's latest embedding
+  (``--ann exact``: exact search in torch; ``--ann faiss``: the FAISS engine of :mod:`faiss_index`);
+  with ``--fresh-distractors`` each distractor's image is embedded again in the same step, and with
+  ``--loss ce-replay`` those images get a cross-entropy term of their own (the compute-matched control);
+- :class:`GradientDistractors`: a feature-space distractor from the network's own neurons.
 
-- ``none``: the current batch only (nearest other-class sample within the batch);
-- ``exact``: a memory of every training sample's latest embedding, searched exactly in torch;
-- ``faiss``: the same memory held in the FAISS engine of :mod:`faiss_index`.
+The trainer runs every forward pass of a step under :func:`nil.batchnorm.batch_statistics`, so
+BatchNorm running statistics come from the training batch alone, whatever a source embeds besides.
 """
 
 from __future__ import annotations
