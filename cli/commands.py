@@ -8,7 +8,9 @@ import click
 
 from cli.main import main
 from cli.tables import metrics_table
-from nil.config import LOSSES, SCHEDULES
+from nil.config import LOSSES, SCHEDULES, TrainConfig
+
+DEFAULT = TrainConfig()  # `nil train`'s defaults live in one place: the config
 
 DATA_FORMATS = ["medmnist", "folder", "csv", "zarr"]
 
@@ -60,51 +62,51 @@ def demo(out, n, epochs, seed, device, progress):
 @click.option("--out", default="", type=click.Path(), help="Run folder to create (must not exist or be empty).")
 @click.option("--resume", "resume_dir", default=None, type=click.Path(),
               help="Continue the interrupted run in this folder from its last.pt, exactly as configured there.")
-@click.option("--checkpoint-every", default=0, show_default=True,
+@click.option("--checkpoint-every", default=DEFAULT.checkpoint_every, show_default=True,
               help="Also write a resumable last.pt every N optimiser steps (0: at epoch ends only).")
-@click.option("--on-bad-image", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
+@click.option("--on-bad-image", default=DEFAULT.on_bad_image, show_default=True, type=click.Choice(["fail", "skip"]),
               help="An unreadable image file: fail naming it, or skip it (listed in RUN_DIR/skipped_images.json).")
-@click.option("--model", default="resnet18", show_default=True,
+@click.option("--model", default=DEFAULT.model, show_default=True,
               type=click.Choice(["small_cnn", "resnet18", "resnet50", "densenet121", "efficientnet_b0"]))
 @click.option("--weights", default=None, type=click.Path(), help="Local state dict to start from (nothing is downloaded).")
-@click.option("--epochs", default=20, show_default=True)
-@click.option("--batch-size", default=128, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True, help="AdamW learning rate.")
-@click.option("--schedule", default="cosine", show_default=True, type=click.Choice(SCHEDULES),
+@click.option("--epochs", default=DEFAULT.epochs, show_default=True)
+@click.option("--batch-size", default=DEFAULT.batch_size, show_default=True)
+@click.option("--lr", default=DEFAULT.lr, show_default=True, help="AdamW learning rate.")
+@click.option("--schedule", default=DEFAULT.schedule, show_default=True, type=click.Choice(SCHEDULES),
               help="Learning-rate schedule over all steps: cosine decay to 0, or step (x0.1 at 50% and 75%).")
-@click.option("--weight-decay", default=1e-4, show_default=True)
+@click.option("--weight-decay", default=DEFAULT.weight_decay, show_default=True)
 @click.option("--image-size", default=None, type=int, help="Resize to this side [default: the data's own, 224 for files].")
-@click.option("--embed-dim", default=128, show_default=True, help="Width D of the embedding z.")
-@click.option("--loss", default="nil", show_default=True, type=click.Choice(LOSSES),
+@click.option("--embed-dim", default=DEFAULT.embed_dim, show_default=True, help="Width D of the embedding z.")
+@click.option("--loss", default=DEFAULT.loss, show_default=True, type=click.Choice(LOSSES),
               help="ce: cross-entropy only; nil: CE + lambda x distractor term; ce-replay: CE on the batch and "
                    "on its mined distractor images (hard-example replay: the compute-matched control of nil).")
-@click.option("--lambda", "lam", default=0.5, show_default=True, help="Weight of the distractor term.")
-@click.option("--margin", default=0.5, show_default=True, help="Push distractors at least this far away.")
-@click.option("--variant", default="margin", show_default=True, type=click.Choice(["margin", "triplet"]))
-@click.option("--warmup-epochs", default=1, show_default=True, help="Epochs of CE only before the distractor term.")
-@click.option("--distractor", default="memory", show_default=True, type=click.Choice(["memory", "gradient"]),
+@click.option("--lambda", "lam", default=DEFAULT.lam, show_default=True, help="Weight of the distractor term.")
+@click.option("--margin", default=DEFAULT.margin, show_default=True, help="Push distractors at least this far away.")
+@click.option("--variant", default=DEFAULT.variant, show_default=True, type=click.Choice(["margin", "triplet"]))
+@click.option("--warmup-epochs", default=DEFAULT.warmup_epochs, show_default=True, help="Epochs of CE only before the distractor term.")
+@click.option("--distractor", default=DEFAULT.distractor, show_default=True, type=click.Choice(["memory", "gradient"]),
               help="memory: nearest stored other-class sample; gradient: feature-space distractor from the neurons.")
-@click.option("--gradient-step", default=0.5, show_default=True, help="--distractor gradient: step size, x ||f||.")
-@click.option("--fresh-distractors/--stored-distractors", default=False, show_default=True,
+@click.option("--gradient-step", default=DEFAULT.gradient_step, show_default=True, help="--distractor gradient: step size, x ||f||.")
+@click.option("--fresh-distractors/--stored-distractors", default=DEFAULT.fresh_distractors, show_default=True,
               help="Re-embed each mined distractor's image with the current network in the same step (gradient "
                    "through both; ~2x the step) instead of using its stored, up to an epoch old, embedding.")
-@click.option("--ann", default="exact", show_default=True, type=click.Choice(["none", "exact", "faiss"]),
+@click.option("--ann", default=DEFAULT.ann, show_default=True, type=click.Choice(["none", "exact", "faiss"]),
               help="Where distractors come from: the batch, an exact memory, or the FAISS engine.")
-@click.option("--ann-index", default="auto", show_default=True,
+@click.option("--ann-index", default=DEFAULT.ann_index, show_default=True,
               help="Index kind for --ann faiss: flat, ivf, ivfpq, hnsw, cagra, exact; auto: the engine's "
                    "default for the device (ivfpq on CPU, exact on CUDA).")
-@click.option("--refresh-every", default=200, show_default=True, help="Steps between rebuilds of the ANN structure.")
-@click.option("--audit-every", default=0, show_default=True, help="Steps between recall@1 audits against exact (0: off).")
+@click.option("--refresh-every", default=DEFAULT.refresh_every, show_default=True, help="Steps between rebuilds of the ANN structure.")
+@click.option("--audit-every", default=DEFAULT.audit_every, show_default=True, help="Steps between recall@1 audits against exact (0: off).")
 @click.option("--index-from", default=None, type=click.Path(), help="Start the memory from an index built by `nil index build`.")
-@click.option("--val-fraction", default=0.1, show_default=True, help="Seeded split, for data without its own splits.")
-@click.option("--test-fraction", default=0.2, show_default=True)
-@click.option("--select-metric", default="accuracy", show_default=True,
+@click.option("--val-fraction", default=DEFAULT.val_fraction, show_default=True, help="Seeded split, for data without its own splits.")
+@click.option("--test-fraction", default=DEFAULT.test_fraction, show_default=True)
+@click.option("--select-metric", default=DEFAULT.select_metric, show_default=True,
               type=click.Choice(["accuracy", "balanced_accuracy", "macro_f1", "auc", "qwk"]),
               help="Validation metric that chooses best.pt.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", default=DEFAULT.seed, show_default=True)
+@click.option("--device", default=DEFAULT.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", default=None, type=int, help="Data loader workers [default: 0 on CPU, 4 on CUDA].")
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+@click.option("--precision", default=DEFAULT.precision, show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
               help="Training autocast: auto is bf16 on CUDA, fp32 on CPU; bf16 also speeds up AMX CPUs.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 def train(**kw):

@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     workers: int | None = None  # data loader workers; None: 0 on CPU, 4 on CUDA
-    select_metric: str = "accuracy"  # validation metric that picks best.pt
+    select_metric: str = "balanced_accuracy"  # validation metric that picks best.pt
     checkpoint_every: int = 0  # optimiser steps between resumable last.pt writes inside an epoch (0: epoch ends only)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32 | bf16 force it
     evaluate_test: bool = True  # False for tuning runs: the test split is never read
