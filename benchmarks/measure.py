@@ -16,6 +16,8 @@ import torch
 LOG = logging.getLogger(__name__)
 
 
+KNOBS = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch", "cagra": "itopk_size"}  # recall/speed knob of each kind
+
 def sync(device: torch.device | str) -> None:
     """Wait for queued GPU work, so a timing covers the work and not just its launch."""
     if torch.device(device).type == "cuda":

@@ -33,17 +33,16 @@ from tqdm.auto import tqdm
 
 import faiss_index
 from benchmarks.machine import machine_info
-from benchmarks.measure import (PeakMemory, available_memory_gb, current_rss_mb, faiss_simd, git_revision,
+from benchmarks.measure import (KNOBS, PeakMemory, available_memory_gb, current_rss_mb, faiss_simd, git_revision,
                                 load_average, median, thread_env, timed_ms)
 from benchmarks.vectors import CHUNK, ClusteredSpec, clustered_vectors, iter_chunks, moved, query_rows
 from nil.errors import NilError
-from nil.train import resolve_device
+from nil.runtime import resolve_device
 
 LOG = logging.getLogger(__name__)
 
 EXACT_TORCH, EXACT_FLAT, PEER = "exact-torch", "exact-faiss-flat", "pml-xbm-batchhard"
 EXACT_KINDS = {EXACT_TORCH: "exact", EXACT_FLAT: "flat"}
-KNOBS = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch", "cagra": "itopk_size"}  # recall/speed knob
 SWEEP = (0.5, 2.0, 4.0)  # knob values tried besides the default, as multiples of the default
 COMPRESSED = ("ivfpq",)  # kinds whose memory per vector is a short code: the only ones run at --large sizes
 LARGE_N = 10_000_000  # the size --large adds

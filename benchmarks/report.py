@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.measure import KNOBS
+
 LOG = logging.getLogger(__name__)
 
 MINING_RECALL_GOAL = 0.95  # recall@1 the default approximate configuration must reach at N = 1M
@@ -241,8 +243,6 @@ def _plot_n(result: dict) -> int | None:
 
 def _knob_value(row: dict) -> float:
     """Where a row sits along its method's knob: its override, else the default's own value."""
-    from benchmarks.mining import KNOBS
-
     knob = KNOBS.get(row["method"])
     value = (row.get("overrides") or {}).get(knob, row["params"].get(knob) if knob else None)
     return float(value) if isinstance(value, (int, float)) else 0.0
@@ -336,7 +336,7 @@ def train_markdown(result: dict) -> str:
     out += machine_lines(result)
     s = result["settings"]
     out += [f"- device: {result['device']}; elapsed {result.get('elapsed_s')} s", "",
-            f"The real trainer's step (`nil.train._train_epoch`: {s['model']} forward and backward, "
+            f"The real trainer's step (`nil.train.train_epoch`: {s['model']} forward and backward, "
             f"`DistractorMiner.mine`, the distractor loss, the optimiser step, `DistractorMiner.update`) on batches of "
             f"{s['batch']} {s['image_size']}x{s['image_size']} patches from a synthetic zarr store "
             f"(`nil.data.synth.write_synthetic`, {s['classes']} classes), loaded before timing so data loading is "

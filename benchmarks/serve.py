@@ -22,9 +22,6 @@ import os
 import re
 import secrets
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,13 +35,13 @@ import faiss_index
 from benchmarks.machine import machine_info
 from benchmarks.measure import git_revision, load_average, thread_env
 from benchmarks.report import fmt, machine_lines, markdown_table, to_json, write_files
+from benchmarks.server import ServeProcess
 from faiss_index.base import BaseIndex
 from faiss_index.synthetic import clustered
 
 LOG = logging.getLogger(__name__)
 
 P99_GOAL_MS = 50.0  # p99 latency goal at 100k vectors, 16 clients, batch 32, k 5, on the 2-core machine
-CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -70,12 +67,6 @@ class ServeBench:
     out: str = "benchmarks/results/serve.json"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -94,50 +85,16 @@ def build_index(cfg: ServeBench, folder: Path) -> tuple[BaseIndex, torch.Tensor,
     return index, x, {"kind": kind, "params": index.params, "build_s": round(build_s, 2)}
 
 
-class _Server:
-    """``python -m cli index serve`` in its own process, logging to a file."""
-
-    def __init__(self, folder: Path, log: Path, token: str, cfg: ServeBench):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, NIL_TOKEN=token)
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        cmd = [sys.executable, "-m", "cli", "index", "serve", "--index", str(folder), "--port", str(self.port),
-               "--device", "cpu", "--max-k", str(max(100, cfg.k)), "--max-batch", str(max(1024, cfg.batch))]
-        if cfg.workers > 1:
-            cmd += ["--workers", str(cfg.workers)]
-        if cfg.torch_threads:
-            cmd += ["--torch-threads", str(cfg.torch_threads)]
-        if cfg.search_threads:
-            cmd += ["--search-threads", str(cfg.search_threads)]
-        self.command = " ".join(shlex.quote(c) for c in cmd)
-        self._fh = open(log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=CHECKOUT, env=env, stdout=self._fh, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        import httpx  # noqa: PLC0415
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with code {self.proc.returncode} before it was ready")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._fh.close()
+def _server(folder: Path, log: Path, token: str, cfg: ServeBench) -> ServeProcess:
+    args = ["--max-k", str(max(100, cfg.k)), "--max-batch", str(max(1024, cfg.batch))]
+    if cfg.workers > 1:
+        args += ["--workers", str(cfg.workers)]
+    if cfg.torch_threads:
+        args += ["--torch-threads", str(cfg.torch_threads)]
+    if cfg.search_threads:
+        args += ["--search-threads", str(cfg.search_threads)]
+    return ServeProcess(folder, log, *args, token=token, env={"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY",
+                                                                                               "PASSIVE")})
 
 
 async def _load(url: str, token: str, bodies: list[bytes], cfg: ServeBench, count: int,
@@ -209,7 +166,7 @@ def run_serve_bench(cfg: ServeBench, command: str | None = None) -> dict:
         bodies = [json.dumps({"vectors": xq[i:i + cfg.batch].tolist(), "labels": yq[i:i + cfg.batch].tolist(),
                               "k": cfg.k}).encode() for i in range(0, len(xq), cfg.batch)]
         log = Path(tmp) / "server.log"
-        server = _Server(folder, log, token, cfg)
+        server = _server(folder, log, token, cfg)
         result["server_command"] = server.command.replace(tmp, "$TMP")
         try:
             t0 = time.perf_counter()

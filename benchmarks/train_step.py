@@ -1,6 +1,6 @@
 """Benchmark of one training step of the real trainer, and the share distractor mining takes of it.
 
-The step is nil's own (:func:`nil.train._train_epoch`: forward, cross-entropy, ``DistractorMiner.mine``,
+The step is nil's own (:func:`nil.train.train_epoch`: forward, cross-entropy, ``DistractorMiner.mine``,
 the distractor loss, backward, optimiser step, ``DistractorMiner.update``), run on real batches of a
 synthetic zarr patch store (:func:`nil.data.synth.write_synthetic`) with a small model, so the
 figure shows what mining costs next to a cheap network.
@@ -40,10 +40,9 @@ from nil.config import TrainConfig
 from nil.data import write_synthetic
 from nil.errors import NilError
 from nil.loaders import make_loader
-from nil.losses import DistractorLoss
-from nil.mining import DistractorMiner, SearchedDistractors
-from nil.models import build_model
-from nil.train import _train_epoch, open_config_dataset, resolve_device, seed_everything
+from nil.mining import DistractorMiner
+from nil.runtime import open_config_dataset, resolve_device, seed_everything
+from nil.train import build_training, train_epoch
 
 LOG = logging.getLogger(__name__)
 
@@ -214,12 +213,8 @@ def _time_steps(cfg: TrainBench, tcfg: TrainConfig, ds, batches: list, device: t
                 kind: str | None, memory: int | None, label: str) -> dict:
     seed_everything(cfg.seed)
     tcfg = TrainConfig.from_dict(tcfg.to_dict() | {"ann": ann, "ann_index": kind or tcfg.ann_index})
-    model = build_model(tcfg.model, ds.num_classes, ds.channels, cfg.image_size, tcfg.embed_dim, None).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=len(batches))
-    criterion = DistractorLoss(tcfg.margin, tcfg.variant)
-    miner = DistractorMiner(tcfg.ann, ds.num_classes, tcfg.embed_dim, device, kind=tcfg.ann_index,
-                            refresh_every=tcfg.refresh_every, need_positive=tcfg.variant == "triplet")
+    training = build_training(tcfg, ds, cfg.image_size, device, len(batches), tcfg.ann_index)
+    miner = training.source.miner
     figures: dict = {}
     if miner.index is not None:
         start = time.perf_counter()
@@ -230,7 +225,8 @@ def _time_steps(cfg: TrainBench, tcfg: TrainConfig, ds, batches: list, device: t
             figures["aged_upserts"] = _age(miner.index, memory, cfg)
             figures["delta_rows_at_start"] = miner.index.delta_size
     timed = _TimedBatches(batches, miner, device, cfg.progress)
-    stats = _train_epoch(model, timed, optimizer, scheduler, criterion, SearchedDistractors(miner), tcfg, device, True, 0)
+    stats = train_epoch(training.trainee, timed, training.optimizer, training.scheduler, training.criterion,
+                        training.source, tcfg, device, True, 0)
     steps = timed.steps[cfg.warmup:]
     step, mining, upsert = (median([s[k] for s in steps]) for k in ("step_ms", "mining_ms", "upsert_ms"))
     figures |= {"ms_per_step": step, "mining_ms": mining, "upsert_ms": upsert, "share": (mining + upsert) / step,

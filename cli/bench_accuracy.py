@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from cli.bench_commands import _benchmarks, bench
+from cli.bench_commands import bench
+from nil.config import PRECISIONS
 
 
 def _words(value: str) -> list[str]:
@@ -34,7 +35,7 @@ def _epochs(value: str, models: list[str]) -> dict[str, int]:
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
 @click.option("--epochs", default="small_cnn=15,resnet18=6", show_default=True,
               help="Epochs for every model (N) or per model (MODEL=N,...); the same for every arm.")
-@click.option("--precision", default="bf16", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+@click.option("--precision", default="bf16", show_default=True, type=click.Choice(PRECISIONS),
               help="Training autocast (bf16 halves ResNet steps on AMX CPUs).")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", default=2e-3, show_default=True)
@@ -62,7 +63,6 @@ def bench_accuracy(datasets, models, arms, seeds, epochs, precision, batch_size,
     split is read once per run. Writes accuracy.json and accuracy.md (beside the published
     MedMNIST v2 ResNet-18 figures).
     """
-    _benchmarks()
     from benchmarks.accuracy import AccuracyBench, parse_grid, run_accuracy_bench, run_tuning
 
     try:
@@ -101,7 +101,7 @@ def bench_accuracy(datasets, models, arms, seeds, epochs, precision, batch_size,
 @click.option("--tune-models", default="small_cnn", show_default=True, help="tune: models the grids run on.")
 @click.option("--epochs", default="small_cnn=30,resnet18=30", show_default=True,
               help="Epochs for every model (N) or per model (MODEL=N,...); the same for every arm.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
               help="Training autocast (bf16 only pays on CPUs with AVX-512 BF16 or AMX, and on GPUs).")
 @click.option("--threads", default=None, type=int, help="torch threads of this process [default: torch's].")
 @click.option("--data-dir", default=None, type=click.Path(), help="Folder with the .npz files [default: ../shared/data].")
@@ -119,7 +119,6 @@ def bench_study(stage, datasets, models, arms, seeds, tune_seeds, tune_models, e
     STAGE report: rewrite study.json/.md from the finished runs. Finished runs are skipped, so an
     interrupted study continues where it stopped.
     """
-    _benchmarks()
     import torch
 
     from benchmarks.study import ARMS, Study, run_final, run_tuning, write_report

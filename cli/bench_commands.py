@@ -1,27 +1,11 @@
-"""``nil bench``: the mining and training-step benchmarks, written under benchmarks/results/."""
+"""``nil bench``: the mining and training-step benchmarks (the installed ``benchmarks`` package), written under benchmarks/results/."""
 
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import click
-
-from cli.main import main
-
-_CHECKOUT = Path(__file__).resolve().parents[1]
-
-
-def _benchmarks():
-    """The benchmarks/ package of the source checkout (it is not installed with nil)."""
-    try:
-        import benchmarks  # noqa: F401
-    except ImportError:
-        if not (_CHECKOUT / "benchmarks" / "__init__.py").exists():
-            raise click.ClickException("`nil bench` needs a source checkout of nil (its benchmarks/ folder); "
-                                       "install nil from a git clone with `pip install -e .`") from None
-        sys.path.insert(0, str(_CHECKOUT))
 
 
 def _ints(name: str):
@@ -41,7 +25,7 @@ def _words(value: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
 
-@main.group()
+@click.group()
 def bench():
     """Benchmarks: distractor-mining speed and recall, and its share of a training step.
 
@@ -83,7 +67,6 @@ def bench_mining(ctx, ns, dim, classes, seed, batch, batches, warmup, device, me
     (default parameters plus a small sweep), and the usual peer, pytorch-metric-learning's
     CrossBatchMemory with BatchHardMiner, all on the same seeded clustered vectors and query batches.
     """
-    _benchmarks()
     from benchmarks.mining import MiningBench, run_mining_bench
     from benchmarks.report import mining_markdown
 
@@ -124,7 +107,6 @@ def bench_train(ctx, memory, anns, faiss_index, mid_refresh, steps, warmup, batc
     (--ann none), an exact memory and the FAISS engine, the memory prefilled to each size with seeded
     embeddings so no epoch over a million images is needed.
     """
-    _benchmarks()
     from benchmarks.report import train_markdown
     from benchmarks.train_step import TrainBench, run_train_bench
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.bench_commands import _benchmarks, _invocation, bench
+from cli.bench_commands import _invocation, bench
 
 
 @bench.command("serve")
@@ -42,7 +42,6 @@ def bench_serve(ctx, n, dim, classes, kind, seed, requests, clients, batch, k, w
     Builds a seeded index of N clustered vectors, serves it from its own process, and sends the
     search requests from this one (asyncio + httpx), bounded in count and in time.
     """
-    _benchmarks()
     from benchmarks.serve import ServeBench, run_serve_bench
 
     cfg = ServeBench(n=n, dim=dim, classes=classes, kind=kind, seed=seed, requests=requests, clients=clients,

@@ -6,13 +6,12 @@ import json
 
 import click
 
-from cli.main import main
 from cli.tables import metrics_table
-from nil.config import LOSSES, SCHEDULES, TrainConfig
+from nil.config import (ANNS, DISTRACTORS, FORMATS, LOSSES, METRICS, MODELS, ON_BAD_IMAGE, PRECISIONS, SCHEDULES,
+                        SPLITS, VARIANTS, TrainConfig)
 
 DEFAULT = TrainConfig()  # `nil train`'s defaults live in one place: the config
 
-DATA_FORMATS = ["medmnist", "folder", "csv", "zarr"]
 
 
 def _data_options(f):
@@ -20,7 +19,7 @@ def _data_options(f):
     options = [
         click.option("--data", "data", default=None, type=click.Path(),
                      help="A MedMNIST .npz, a class-per-folder image tree, a CSV manifest or a zarr patch store."),
-        click.option("--format", "fmt", type=click.Choice(DATA_FORMATS), default=None,
+        click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
                      help="Force the reader instead of detecting it from the path."),
         click.option("--csv-path-col", default=None, help="CSV: column with image paths (auto: image, id_code, path, ...)."),
         click.option("--csv-label-col", default=None, help="CSV: column with the label (auto: label, diagnosis, ...)."),
@@ -34,7 +33,7 @@ def _data_options(f):
     return f
 
 
-@main.command()
+@click.command()
 @click.option("--out", default="", help="Folder for the data and both runs [default: runs/demo-<time>].")
 @click.option("--n", default=3000, show_default=True, help="Number of synthetic patches.")
 @click.option("--epochs", default=6, show_default=True, help="Epochs per run.")
@@ -57,17 +56,17 @@ def demo(out, n, epochs, seed, device, progress):
         click.echo(f"run {name}: {r['out']}")
 
 
-@main.command()
+@click.command()
 @_data_options
 @click.option("--out", default="", type=click.Path(), help="Run folder to create (must not exist or be empty).")
 @click.option("--resume", "resume_dir", default=None, type=click.Path(),
               help="Continue the interrupted run in this folder from its last.pt, exactly as configured there.")
 @click.option("--checkpoint-every", default=DEFAULT.checkpoint_every, show_default=True,
               help="Also write a resumable last.pt every N optimiser steps (0: at epoch ends only).")
-@click.option("--on-bad-image", default=DEFAULT.on_bad_image, show_default=True, type=click.Choice(["fail", "skip"]),
+@click.option("--on-bad-image", default=DEFAULT.on_bad_image, show_default=True, type=click.Choice(ON_BAD_IMAGE),
               help="An unreadable image file: fail naming it, or skip it (listed in RUN_DIR/skipped_images.json).")
 @click.option("--model", default=DEFAULT.model, show_default=True,
-              type=click.Choice(["small_cnn", "resnet18", "resnet50", "densenet121", "efficientnet_b0"]))
+              type=click.Choice(MODELS))
 @click.option("--weights", default=None, type=click.Path(), help="Local state dict to start from (nothing is downloaded).")
 @click.option("--epochs", default=DEFAULT.epochs, show_default=True)
 @click.option("--batch-size", default=DEFAULT.batch_size, show_default=True)
@@ -82,15 +81,15 @@ def demo(out, n, epochs, seed, device, progress):
                    "on its mined distractor images (hard-example replay: the compute-matched control of nil).")
 @click.option("--lambda", "lam", default=DEFAULT.lam, show_default=True, help="Weight of the distractor term.")
 @click.option("--margin", default=DEFAULT.margin, show_default=True, help="Push distractors at least this far away.")
-@click.option("--variant", default=DEFAULT.variant, show_default=True, type=click.Choice(["margin", "triplet"]))
+@click.option("--variant", default=DEFAULT.variant, show_default=True, type=click.Choice(VARIANTS))
 @click.option("--warmup-epochs", default=DEFAULT.warmup_epochs, show_default=True, help="Epochs of CE only before the distractor term.")
-@click.option("--distractor", default=DEFAULT.distractor, show_default=True, type=click.Choice(["memory", "gradient"]),
+@click.option("--distractor", default=DEFAULT.distractor, show_default=True, type=click.Choice(DISTRACTORS),
               help="memory: nearest stored other-class sample; gradient: feature-space distractor from the neurons.")
 @click.option("--gradient-step", default=DEFAULT.gradient_step, show_default=True, help="--distractor gradient: step size, x ||f||.")
 @click.option("--fresh-distractors/--stored-distractors", default=DEFAULT.fresh_distractors, show_default=True,
               help="Re-embed each mined distractor's image with the current network in the same step (gradient "
                    "through both; ~2x the step) instead of using its stored, up to an epoch old, embedding.")
-@click.option("--ann", default=DEFAULT.ann, show_default=True, type=click.Choice(["none", "exact", "faiss"]),
+@click.option("--ann", default=DEFAULT.ann, show_default=True, type=click.Choice(ANNS),
               help="Where distractors come from: the batch, an exact memory, or the FAISS engine.")
 @click.option("--ann-index", default=DEFAULT.ann_index, show_default=True,
               help="Index kind for --ann faiss: flat, ivf, ivfpq, hnsw, cagra, exact; auto: the engine's "
@@ -101,12 +100,12 @@ def demo(out, n, epochs, seed, device, progress):
 @click.option("--val-fraction", default=DEFAULT.val_fraction, show_default=True, help="Seeded split, for data without its own splits.")
 @click.option("--test-fraction", default=DEFAULT.test_fraction, show_default=True)
 @click.option("--select-metric", default=DEFAULT.select_metric, show_default=True,
-              type=click.Choice(["accuracy", "balanced_accuracy", "macro_f1", "auc", "qwk"]),
+              type=click.Choice(METRICS),
               help="Validation metric that chooses best.pt.")
 @click.option("--seed", default=DEFAULT.seed, show_default=True)
 @click.option("--device", default=DEFAULT.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", default=None, type=int, help="Data loader workers [default: 0 on CPU, 4 on CUDA].")
-@click.option("--precision", default=DEFAULT.precision, show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+@click.option("--precision", default=DEFAULT.precision, show_default=True, type=click.Choice(PRECISIONS),
               help="Training autocast: auto is bf16 on CUDA, fp32 on CPU; bf16 also speeds up AMX CPUs.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 def train(**kw):
@@ -150,11 +149,11 @@ def train(**kw):
     click.echo(f"\nbest epoch {result['best_epoch']} by val {result['select_metric']}; run folder: {kw['out']}")
 
 
-@main.command("eval")
+@click.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(), help="A best.pt or last.pt from nil train.")
 @click.option("--data", default=None, type=click.Path(), help="Data to evaluate on [default: the training data].")
-@click.option("--format", "fmt", type=click.Choice(DATA_FORMATS), default=None)
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None)
+@click.option("--split", default="test", show_default=True, type=click.Choice(SPLITS))
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -172,7 +171,7 @@ def eval_(checkpoint, data, fmt, split, batch_size, device, as_json):
         click.echo(f"  {name:>12} " + " ".join(f"{v:6d}" for v in row))
 
 
-@main.group()
+@click.group()
 def data():
     """Make and inspect datasets."""
 
@@ -192,7 +191,7 @@ def data_synth(out, n, size, classes, similarity, seed):
     click.echo(f"wrote {n} patches of {size}x{size} in {classes} classes to {path}")
 
 
-@main.command()
+@click.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--gallery", default=8, show_default=True, help="Test images in the distractor gallery.")
 @click.option("--k", default=4, show_default=True, help="Distractors shown per test image.")
@@ -204,7 +203,7 @@ def report(run_dir, gallery, k, device):
     samples whose nearest neighbours are mostly of one other class.
     """
     from nil.report import build_report
-    from nil.train import resolve_device
+    from nil.runtime import resolve_device
 
     path = build_report(run_dir, n_gallery=gallery, k=k, device=str(resolve_device(device)))
     click.echo(f"report: {path}")

@@ -6,10 +6,10 @@ import json
 
 import click
 
-from cli.main import main
+from nil.config import FORMATS, SPLITS
 
 
-@main.group()
+@click.group()
 def index():
     """Build, query and inspect distractor indexes (nearest other-class search)."""
 
@@ -18,8 +18,8 @@ def index():
 @click.option("--out", required=True, type=click.Path(), help="Index folder to write (replaced atomically).")
 @click.option("--checkpoint", default=None, type=click.Path(), help="Model whose embeddings are indexed.")
 @click.option("--data", default=None, type=click.Path(), help="Data to embed [default: the checkpoint's training data].")
-@click.option("--format", "fmt", default=None, type=click.Choice(["medmnist", "folder", "csv", "zarr"]))
-@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--format", "fmt", default=None, type=click.Choice(FORMATS))
+@click.option("--split", default="train", show_default=True, type=click.Choice(SPLITS))
 @click.option("--embeddings", default=None, type=click.Path(),
               help="Index precomputed embeddings instead: a zarr group with vectors, labels, ids (and keys).")
 @click.option("--index", "kind", default="flat", show_default=True,

@@ -44,4 +44,12 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
 
 
-from cli import bench_accuracy, bench_commands, bench_serve, commands, index_commands, serve_commands  # noqa: E402,F401  (registers the commands on `main`)
+# Command modules never import this one (no import circle); the bench and index groups take their
+# subcommands from the modules that define them (bench_accuracy, bench_serve, serve_commands).
+from cli import bench_accuracy, bench_serve, serve_commands  # noqa: E402,F401
+from cli.bench_commands import bench  # noqa: E402
+from cli.commands import data, demo, eval_, report, train  # noqa: E402
+from cli.index_commands import index  # noqa: E402
+
+for _command in (demo, train, eval_, report, data, index, bench):
+    main.add_command(_command)

@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from dataclasses import asdict, dataclass, fields
+from typing import Literal, get_args
 
 from nil.errors import NilError
 
-LOSSES = ("ce", "nil", "ce-replay")
-ANNS = ("none", "exact", "faiss")
-DISTRACTORS = ("memory", "gradient")
-SCHEDULES = ("cosine", "step")
+# The vocabulary of a run: every option that takes one of a fixed set of values. The modules that
+# implement them (models, losses, metrics, data readers) and the command line take their lists from here.
+Model = Literal["small_cnn", "resnet18", "resnet50", "densenet121", "efficientnet_b0"]
+Format = Literal["medmnist", "folder", "csv", "zarr"]
+OnBadImage = Literal["fail", "skip"]
+Schedule = Literal["cosine", "step"]
+Loss = Literal["ce", "nil", "ce-replay"]
+Variant = Literal["margin", "triplet"]
+Distractor = Literal["memory", "gradient"]
+Ann = Literal["none", "exact", "faiss"]
+Metric = Literal["accuracy", "balanced_accuracy", "macro_f1", "auc", "qwk"]
+Precision = Literal["auto", "fp32", "bf16"]
+Split = Literal["train", "val", "test"]
+
+MODELS, FORMATS, ON_BAD_IMAGE, SCHEDULES = get_args(Model), get_args(Format), get_args(OnBadImage), get_args(Schedule)
+LOSSES, VARIANTS, DISTRACTORS, ANNS = get_args(Loss), get_args(Variant), get_args(Distractor), get_args(Ann)
+METRICS, PRECISIONS, SPLITS = get_args(Metric), get_args(Precision), get_args(Split)
 
 
 @dataclass
 class TrainConfig:
     # data
     data: str = ""  # path to a .npz, image folder, CSV manifest or zarr store
-    format: str | None = None  # force a reader (medmnist|folder|csv|zarr); None detects
+    format: Format | None = None  # force a reader (medmnist|folder|csv|zarr); None detects
     csv_path_col: str | None = None  # CSV: column holding image paths
     csv_label_col: str | None = None  # CSV: column holding the class label
     csv_label_cols: list[str] | None = None  # CSV: one-hot label columns (ISIC style)
@@ -25,28 +40,28 @@ class TrainConfig:
     val_fraction: float = 0.1  # seeded stratified split, where the data has no splits of its own
     test_fraction: float = 0.2
     image_size: int | None = None  # None: the data's own size (224 for image files of mixed size)
-    on_bad_image: str = "fail"  # image files are decoded once before training; fail: name the first bad one; skip: leave them out
+    on_bad_image: OnBadImage = "fail"  # image files are decoded once before training; fail: name the first bad one; skip: leave them out
     # model
-    model: str = "resnet18"
+    model: Model = "resnet18"
     embed_dim: int = 128  # width of the L2-normalised embedding z
     weights: str | None = None  # local state dict to start from; nothing is downloaded
     # optimisation
     epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3  # AdamW
-    schedule: str = "cosine"  # cosine: decay to 0 over all steps; step: x0.1 at 50% and 75% of the steps
+    schedule: Schedule = "cosine"  # cosine: decay to 0 over all steps; step: x0.1 at 50% and 75% of the steps
     weight_decay: float = 1e-4
     # distractor-aware loss
-    loss: str = "nil"  # ce: cross-entropy only; nil: CE + lambda * distractor term; ce-replay: CE on batch + distractor images
+    loss: Loss = "nil"  # ce: cross-entropy only; nil: CE + lambda * distractor term; ce-replay: CE on batch + distractor images
     lam: float = 0.5  # weight lambda of the distractor term
     margin: float = 0.5  # distance below which a distractor is pushed away
-    variant: str = "margin"  # margin | triplet
+    variant: Variant = "margin"  # margin | triplet
     warmup_epochs: int = 1  # epochs of CE only while the memory fills
-    distractor: str = "memory"  # memory: nearest stored other-class sample; gradient: from the neurons
+    distractor: Distractor = "memory"  # memory: nearest stored other-class sample; gradient: from the neurons
     gradient_step: float = 0.5  # --distractor gradient: step along the confusing class's gradient, x ||f||
     fresh_distractors: bool = False  # re-embed each mined distractor image with the current network
     # distractor search
-    ann: str = "exact"  # none: within the batch; exact: torch engine; faiss: FAISS engine
+    ann: Ann = "exact"  # none: within the batch; exact: torch engine; faiss: FAISS engine
     ann_index: str = "auto"  # kind for --ann faiss; auto: the engine's default for the device
     refresh_every: int = 200  # steps between rebuilds of the approximate structure
     audit_every: int = 0  # steps between recall@1 audits of --ann faiss against exact (0: never)
@@ -56,12 +71,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     workers: int | None = None  # data loader workers; None: 0 on CPU, 4 on CUDA
-    select_metric: str = "balanced_accuracy"  # validation metric that picks best.pt
+    select_metric: Metric = "balanced_accuracy"  # validation metric that picks best.pt
     checkpoint_every: int = 0  # optimiser steps between resumable last.pt writes inside an epoch (0: epoch ends only)
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32 | bf16 force it
+    precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32 | bf16 force it
     evaluate_test: bool = True  # False for tuning runs: the test split is never read
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         """Refuse inconsistent options with one clear sentence."""
@@ -69,11 +83,11 @@ class TrainConfig:
             raise NilError("--data is required")
         if not self.out:
             raise NilError("--out is required")
+        for name, choices in self.choices().items():  # every fixed-set option, from its Literal type
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise NilError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
         checks = [
-            (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
-            (self.ann in ANNS, f"--ann must be one of {', '.join(ANNS)}"),
-            (self.distractor in DISTRACTORS, f"--distractor must be one of {', '.join(DISTRACTORS)}"),
-            (self.variant in ("margin", "triplet"), "--variant must be margin or triplet"),
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 2, "--batch-size must be at least 2"),
             (self.lr > 0, "--lr must be positive"),
@@ -81,7 +95,6 @@ class TrainConfig:
             (self.margin > 0, "--margin must be positive"),
             (self.index_from is None or self.ann != "none", "--index-from needs --ann exact or --ann faiss"),
             (self.gradient_step > 0, "--gradient-step must be positive"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
             (not self.fresh_distractors or self.distractor == "memory",
              "--fresh-distractors applies to --distractor memory"),
             (self.loss != "ce-replay" or self.distractor == "memory",
@@ -94,14 +107,22 @@ class TrainConfig:
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
              and self.val_fraction + self.test_fraction < 1, "split fractions must lie in [0, 1) and sum below 1"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device must be auto, cpu or cuda"),
-            (self.on_bad_image in ("fail", "skip"), "--on-bad-image must be fail or skip"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be non-negative"),
-            (self.select_metric in ("accuracy", "balanced_accuracy", "macro_f1", "auc", "qwk"), "unknown --select-metric"),
-            (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
         ]
         for ok, message in checks:
             if not ok:
                 raise NilError(message)
+
+    @classmethod
+    def choices(cls) -> dict[str, tuple[str, ...]]:
+        """The allowed values of every field typed with a Literal (None allowed where the type says so)."""
+        out = {}
+        for name, hint in typing.get_type_hints(cls).items():
+            literal = hint if typing.get_origin(hint) is Literal else next(
+                (a for a in get_args(hint) if typing.get_origin(a) is Literal), None)  # Literal[...] | None
+            if literal is not None:
+                out[name] = get_args(literal)
+        return out
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,7 +15,7 @@ from nil.loaders import make_loader
 from nil.metrics import classification_metrics
 from nil.models import build_model
 from nil.predict import predict
-from nil.train import open_config_dataset, resolve_device
+from nil.runtime import open_config_dataset, resolve_device
 
 LOG = logging.getLogger(__name__)
 

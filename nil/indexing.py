@@ -23,7 +23,7 @@ from nil.errors import NilError
 from nil.evaluate import load_model, open_with_checkpoint
 from nil.loaders import make_loader
 from nil.predict import predict
-from nil.train import resolve_device
+from nil.runtime import resolve_device
 
 LOG = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-VARIANTS = ("margin", "triplet")
+from nil.config import VARIANTS
+
 
 
 def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

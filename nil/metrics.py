@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
-METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "qwk")
+from nil.config import METRICS as METRIC_KEYS  # the scalar metrics, in report order
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:

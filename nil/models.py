@@ -18,11 +18,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from nil.config import MODELS
 from nil.errors import NilError
 
 LOG = logging.getLogger(__name__)
 
-MODELS = ("small_cnn", "resnet18", "resnet50", "densenet121", "efficientnet_b0")
 SMALL_INPUT = 64  # below this side length the stem is adapted for small images
 
 

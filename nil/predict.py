@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from nil.config import PRECISIONS
+
 
 @dataclass
 class Predictions:
@@ -18,7 +20,6 @@ class Predictions:
     ids: np.ndarray  # (N,) int64 sample ids
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def autocast(device: torch.device, precision: str = "auto"):

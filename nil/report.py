@@ -14,7 +14,6 @@ import base64
 import html
 import json
 import logging
-from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -29,7 +28,7 @@ import faiss_index  # noqa: E402
 from nil.config import TrainConfig  # noqa: E402
 from nil.errors import NilError  # noqa: E402
 from nil.indexing import embed_split  # noqa: E402
-from nil.train import open_config_dataset  # noqa: E402
+from nil.runtime import open_config_dataset  # noqa: E402
 
 LOG = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import faiss_index
 from nil import distributed
 from nil.checkpoint import save_json, save_torch
 from nil.config import TrainConfig
-from nil.data import CsvOptions, make_transform, open_dataset
+from nil.data import make_transform
 from nil.data.base import Dataset
 from nil.data.screen import screen_images
 from nil.errors import NilError
@@ -43,30 +42,9 @@ from nil.mining import (DistractorImages, DistractorMiner, DistractorSource, Emb
 from nil.models import build_model
 from nil.predict import autocast, predict
 from nil.resume import Checkpointer, check_same_data, write_run_config
+from nil.runtime import open_config_dataset, resolve_device, seed_everything
 
 LOG = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without it is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NilError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def open_config_dataset(cfg: TrainConfig) -> Dataset:
-    """The dataset a config names, with the same splits every time for the same config."""
-    csv = CsvOptions(cfg.csv_path_col, cfg.csv_label_col, cfg.csv_label_cols, cfg.image_root, cfg.image_suffix)
-    return open_dataset(cfg.data, cfg.format, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                        test_fraction=cfg.test_fraction, csv=csv)
 
 
 def model_spec(cfg: TrainConfig, ds: Dataset, image_size: int) -> dict:
@@ -154,18 +132,13 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
         if "skipped_images" in ds.info:
             save_json(ds.info["skipped_images"], out / "skipped_images.json")
 
-    model = build_model(cfg.model, ds.num_classes, ds.channels, image_size, cfg.embed_dim, cfg.weights).to(device)
-    # every parameter takes part in every step (the loss always reaches z): DDP needs no unused-parameter scan
-    trainee = distributed.wrap_model(model, device, find_unused=False)
     train_loader = make_loader(ds.train, train=True, cfg=cfg, image_size=image_size, channels=ds.channels, device=device,
                                rank=ctx.rank, world_size=ctx.world_size)
     val_loader = make_loader(ds.val, train=False, cfg=cfg, image_size=image_size, channels=ds.channels, device=device)
     test_loader = make_loader(ds.test, train=False, cfg=cfg, image_size=image_size, channels=ds.channels, device=device)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * len(train_loader))
-    criterion = DistractorLoss(cfg.margin, cfg.variant)
-    source = make_source(cfg, ds, image_size, device, kind)
+    training = build_training(cfg, ds, image_size, device, cfg.epochs * len(train_loader), kind)
+    model, trainee, optimizer, scheduler = training.model, training.trainee, training.optimizer, training.scheduler
+    criterion, source = training.criterion, training.source
 
     miner = source.miner
     ckpt = Checkpointer(out, cfg, model, optimizer, scheduler, None if ctx.distributed else miner, {"model_spec": spec, "classes": ds.classes,
@@ -177,7 +150,7 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
             train_loader.sampler.set_epoch(epoch)
         ckpt.begin_epoch(epoch, train_loader)
         distractor_on = cfg.loss != "ce" and epoch >= cfg.warmup_epochs
-        stats = _train_epoch(trainee, ckpt.batches(train_loader, epoch), optimizer, scheduler, criterion, source, cfg,
+        stats = train_epoch(trainee, ckpt.batches(train_loader, epoch), optimizer, scheduler, criterion, source, cfg,
                              device, distractor_on, epoch, ckpt.epoch_stats(epoch),
                              ckpt.after_step if ctx.is_main else None)
         distributed.sum_fields(stats, ("loss", "loss_ce", "loss_distractor", "with_distractor", "correct", "seen"),
@@ -213,6 +186,30 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
               "train_s": sum(h["epoch_s"] for h in history)}
     distributed.on_main(save_json, result, out / "metrics.json")
     return result
+
+
+@dataclass
+class Training:
+    """Everything one training step uses: :func:`train` builds it once, benchmarks time its steps."""
+
+    model: torch.nn.Module  # the network (its state is what best.pt saves)
+    trainee: torch.nn.Module  # the network as trained: DistributedDataParallel under torchrun, else model
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: DistractorLoss
+    source: DistractorSource
+
+
+def build_training(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device, total_steps: int,
+                   kind: str = "auto") -> Training:
+    """Model, optimiser, per-step schedule over ``total_steps``, loss and distractor source of a config;
+    then call :func:`train_epoch` with them."""
+    model = build_model(cfg.model, ds.num_classes, ds.channels, image_size, cfg.embed_dim, cfg.weights).to(device)
+    # every parameter takes part in every step (the loss always reaches z): DDP needs no unused-parameter scan
+    trainee = distributed.wrap_model(model, device, find_unused=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return Training(model, trainee, optimizer, make_scheduler(optimizer, cfg.schedule, total_steps),
+                    DistractorLoss(cfg.margin, cfg.variant), make_source(cfg, ds, image_size, device, kind))
 
 
 def _start_index(cfg: TrainConfig, ds: Dataset, device: torch.device):
@@ -280,7 +277,7 @@ def step_loss(step: Step, y: torch.Tensor, criterion: DistractorLoss, cfg: Train
     return ce + cfg.lam * dist, ce, dist
 
 
-def _train_epoch(model, loader, optimizer, scheduler, criterion, source: DistractorSource, cfg: TrainConfig,
+def train_epoch(model, loader, optimizer, scheduler, criterion, source: DistractorSource, cfg: TrainConfig,
                  device: torch.device, distractor_on: bool, epoch: int, resumed_stats: dict | None = None,
                  after_step=None) -> _StepStats:
     """One epoch over ``loader`` (or the rest of one: ``resumed_stats`` holds what was done);

@@ -19,7 +19,7 @@ from nil.losses import DistractorLoss
 from nil.mining import (DistractorImages, DistractorMiner, DistractorSource, GradientDistractors,
                         SearchedDistractors)
 from nil.models import build_model
-from nil.train import _train_epoch, make_scheduler, train
+from nil.train import train_epoch, make_scheduler, train
 
 
 def _buffers(model) -> dict:
@@ -102,7 +102,7 @@ def test_a_distractor_image_is_embedded_as_a_member_of_the_batch(setup):
 def _one_step(model, source, cfg, x, y, ids):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = make_scheduler(optimizer, "cosine", 1)
-    return _train_epoch(model, [(x, y, ids)], optimizer, scheduler, DistractorLoss(cfg.margin), source, cfg,
+    return train_epoch(model, [(x, y, ids)], optimizer, scheduler, DistractorLoss(cfg.margin), source, cfg,
                         torch.device("cpu"), True, 0)
 
 

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,62 +18,24 @@ from PIL import Image
 
 import faiss_index
 from cli.main import main
+from benchmarks.server import ServeProcess
 from faiss_index.client import Client, ServiceError
 from faiss_index.server import stored_keys
 from faiss_index.synthetic import clustered
 
 TOKEN = "serve-test-token"
 DIM, CLASSES, N = 16, 3, 600
-CHECKOUT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m cli index serve ...` in a subprocess; its log goes to a file."""
+class Server(ServeProcess):
+    """The service under test, with the test's token; ready when constructed."""
 
     def __init__(self, index_dir: Path, log: Path, *args: str, token: str | None = TOKEN):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = {k: v for k, v in os.environ.items() if k != "NIL_TOKEN"}
-        env |= {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-        if token:
-            env["NIL_TOKEN"] = token
-        cmd = [sys.executable, "-m", "cli", "index", "serve", "--index", str(index_dir), "--port", str(self.port),
-               "--device", "cpu", *args]
-        self._log_fh = open(log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=CHECKOUT, env=env, stdout=self._log_fh, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not start:\n{log.read_text()}")
+        super().__init__(index_dir, log, *args, token=token, env={"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"})
+        self.wait_ready(90)
 
     def client(self, token: str | None = TOKEN) -> Client:
         return Client(self.url, token=token)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_fh.close()
-        return self.proc.returncode
 
 
 def _make_checkpoint(path: Path) -> Path:

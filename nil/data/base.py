@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from nil.config import SPLITS
 from nil.errors import NilError
 
-SPLITS = ("train", "val", "test")
 
 
 class SampleSet:

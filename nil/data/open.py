@@ -11,11 +11,11 @@ from nil.data.folder import read_folder
 from nil.data.medmnist import read_medmnist
 from nil.data.splits import check_fractions, validate_dataset
 from nil.data.zarr_store import read_zarr
+from nil.config import FORMATS
 from nil.errors import NilError
 
 LOG = logging.getLogger(__name__)
 
-FORMATS = ("medmnist", "folder", "csv", "zarr")
 
 
 def _is_zarr_group(p: Path) -> bool:

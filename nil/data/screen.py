@@ -20,11 +20,12 @@ from tqdm.auto import tqdm
 from nil.data.base import SPLITS, Dataset
 from nil.data.folder import ImageFileSet, read_image
 from nil.data.splits import _root, validate_dataset
+from nil.config import ON_BAD_IMAGE
 from nil.errors import NilError
 
 LOG = logging.getLogger(__name__)
 
-ON_BAD = ("fail", "skip")
+ON_BAD = ON_BAD_IMAGE
 
 
 def _problem(path) -> str | None:
