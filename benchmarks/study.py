@@ -56,7 +56,9 @@ ARMS = {
 }
 GRID = {
     "ce": {"lr": [5e-4, 1e-3, 2e-3], "weight_decay": [1e-4, 1e-3]},
-    "ce-matched": {"lr": [5e-4, 1e-3, 2e-3], "weight_decay": [1e-4, 1e-3]},
+    # the replay term's weight; a first grid (lr x weight decay, batch and replayed images in one
+    # CE) trained to chance on validation (the replayed hard examples outweighed the batch)
+    "ce-matched": {"lam": [0.1, 0.3, 1.0], "lr": [5e-4, 1e-3]},
     # margins on the unit sphere (distances in [0, 2], orthogonal classes at 1.41); margin 0.5 was
     # dropped after the first tuning run: fresh distractors sit further away, the term was ~0
     "nil-fresh": {"lam": [0.3, 1.0, 3.0], "margin": [1.0, 1.4]},
