@@ -77,9 +77,9 @@ def demo(out, n, epochs, seed, device, progress):
 @click.option("--image-size", default=None, type=int, help="Resize to this side [default: the data's own, 224 for files].")
 @click.option("--embed-dim", default=DEFAULT.embed_dim, show_default=True, help="Width D of the embedding z.")
 @click.option("--loss", default=DEFAULT.loss, show_default=True, type=click.Choice(LOSSES),
-              help="ce: cross-entropy only; nil: CE + lambda x distractor term; ce-replay: CE on the batch and "
-                   "on its mined distractor images (hard-example replay: the compute-matched control of nil).")
-@click.option("--lambda", "lam", default=DEFAULT.lam, show_default=True, help="Weight of the distractor term.")
+              help="ce: cross-entropy only; nil: CE + lambda x distractor term; ce-replay: CE + lambda x CE of "
+                   "the batch's mined distractor images (hard-example replay: the compute-matched control of nil).")
+@click.option("--lambda", "lam", default=DEFAULT.lam, show_default=True, help="Weight of the distractor term (ce-replay: of the replayed images' CE).")
 @click.option("--margin", default=DEFAULT.margin, show_default=True, help="Push distractors at least this far away.")
 @click.option("--variant", default=DEFAULT.variant, show_default=True, type=click.Choice(VARIANTS))
 @click.option("--warmup-epochs", default=DEFAULT.warmup_epochs, show_default=True, help="Epochs of CE only before the distractor term.")

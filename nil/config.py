@@ -52,8 +52,8 @@ class TrainConfig:
     schedule: Schedule = "cosine"  # cosine: decay to 0 over all steps; step: x0.1 at 50% and 75% of the steps
     weight_decay: float = 1e-4
     # distractor-aware loss
-    loss: Loss = "nil"  # ce: cross-entropy only; nil: CE + lambda * distractor term; ce-replay: CE on batch + distractor images
-    lam: float = 0.5  # weight lambda of the distractor term
+    loss: Loss = "nil"  # ce: cross-entropy only; nil: CE + lambda * distractor term; ce-replay: CE + lambda * CE of the distractor images
+    lam: float = 0.5  # weight lambda of the distractor term (ce-replay: of the replayed images' CE)
     margin: float = 0.5  # distance below which a distractor is pushed away
     variant: Variant = "margin"  # margin | triplet
     warmup_epochs: int = 1  # epochs of CE only while the memory fills

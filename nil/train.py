@@ -257,24 +257,22 @@ def make_source(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.de
 
 
 def step_loss(step: Step, y: torch.Tensor, criterion: DistractorLoss, cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
-    """(total, cross-entropy, distractor term) of one step.
+    """(total, cross-entropy, second term) of one step.
 
-    ``nil``: CE + lambda * distractor term; ``ce-replay``: CE over the batch and the distractor
-    images together; ``ce``: CE. The term is built from z in every step (zero while there is no
-    distractor), so the projection head takes part in every step on every rank.
+    ``nil``: CE + lambda * distractor term; ``ce-replay``: CE + lambda * the mean cross-entropy of
+    the replayed distractor images (their own term, so lambda sets how much the hard examples
+    weigh against the batch); ``ce``: CE. The second term is built from z in every step (zero
+    while there is nothing to add), so the projection head takes part in every step on every rank.
     """
-    logits, labels = step.out.logits.float(), y
-    if step.replay is not None:
-        logits = torch.cat([logits, step.replay.logits.float()])
-        labels = torch.cat([y, step.replay_labels])
-    ce = F.cross_entropy(logits, labels)
+    ce = F.cross_entropy(step.out.logits.float(), y)
     z = step.out.z.float()
+    second = z.sum() * 0.0
     if cfg.loss == "nil" and step.pairs is not None:
         p = step.pairs
-        dist = criterion(z, p.distractor, p.valid, p.positive, p.positive_valid)
-    else:
-        dist = z.sum() * 0.0
-    return ce + cfg.lam * dist, ce, dist
+        second = criterion(z, p.distractor, p.valid, p.positive, p.positive_valid)
+    elif step.replay is not None:
+        second = second + F.cross_entropy(step.replay.logits.float(), step.replay_labels)
+    return ce + cfg.lam * second, ce, second
 
 
 def train_epoch(model, loader, optimizer, scheduler, criterion, source: DistractorSource, cfg: TrainConfig,

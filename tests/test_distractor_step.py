@@ -17,9 +17,10 @@ from nil.data import make_transform, open_dataset
 from nil.errors import NilError
 from nil.losses import DistractorLoss
 from nil.mining import (DistractorImages, DistractorMiner, DistractorSource, GradientDistractors,
-                        SearchedDistractors)
+                        SearchedDistractors, Step)
 from nil.models import build_model
-from nil.train import train_epoch, make_scheduler, train
+from nil.models import ModelOutput
+from nil.train import make_scheduler, step_loss, train, train_epoch
 
 
 def _buffers(model) -> dict:
@@ -175,6 +176,21 @@ def test_every_source_trains_end_to_end(tmp_path, tiny_npz, kw):
     result = train(cfg)
     lines = [json.loads(s) for s in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["train"]["distractor_rate"] > 0.5
-    if kw["loss"] == "ce-replay":
-        assert lines[-1]["train"]["loss_distractor"] == 0.0
+    if kw["loss"] == "ce-replay":  # the "distractor" column holds the replayed images' cross-entropy
+        assert lines[-1]["train"]["loss_distractor"] > 0.0
     assert 0.0 <= result["test"]["accuracy"] <= 1.0
+
+
+def test_ce_replay_loss_is_batch_ce_plus_lambda_times_the_replayed_images_ce():
+    torch.manual_seed(0)
+    logits, replay_logits = torch.randn(4, 3), torch.randn(6, 3)
+    y, replay_y = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 1, 0, 2, 2, 0])
+    z = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    step = Step(ModelOutput(logits, z, z), None, ModelOutput(replay_logits, z[:1].expand(6, 8), z), replay_y)
+    cfg = TrainConfig(loss="ce-replay", lam=0.3)
+    total, ce, replay = step_loss(step, y, DistractorLoss(0.5), cfg)
+    f = torch.nn.functional.cross_entropy
+    assert torch.allclose(ce, f(logits, y)) and torch.allclose(replay, f(replay_logits, replay_y))
+    assert torch.allclose(total, f(logits, y) + 0.3 * f(replay_logits, replay_y))
+    no_replay = Step(ModelOutput(logits, z, z))  # warm-up, or no distractor image this step
+    assert torch.allclose(step_loss(no_replay, y, DistractorLoss(0.5), cfg)[0], f(logits, y))
