@@ -15,8 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.machine import machine_info
-from benchmarks.report import markdown_table, to_json, write_files
+from benchmarks.report import envelope, markdown_table, write_result
 from nil.config import TrainConfig
 from nil.train import train
 
@@ -124,11 +123,11 @@ def run_accuracy_bench(bench: AccuracyBench, command: str = "") -> dict:
                                  "best_epoch": result["best_epoch"], "epochs": result["epochs"],
                                  "train_s": round(result["train_s"], 1), "run_dir": str(run_dir),
                                  "diagnostics": run_diagnostics(run_dir, result)})
-    result = {"command": command, "machine": machine_info(), "settings": vars(bench).copy(),
+    result = envelope(command, settings=vars(bench).copy()) | {
               "total_s": round(time.perf_counter() - started, 1), "rows": rows, "summary": summarise(rows),
               "paired": paired_differences(rows)}
     out = Path(bench.out)
-    write_files({out: to_json(result), out.with_suffix(".md"): accuracy_markdown(result)})
+    write_result(out, result, accuracy_markdown(result))
     return result
 
 
@@ -160,13 +159,13 @@ def run_tuning(bench: AccuracyBench, grid: dict[str, list] | None = None, arm: s
                                  "seed": seed, "val": _metrics(result["val"]), "best_epoch": result["best_epoch"]})
     table = _tuning_table(rows)
     best = max((t for t in table if t["arm"] != "ce"), key=lambda t: t["score"])
-    result = {"command": command, "machine": machine_info(), "settings": vars(bench).copy(), "grid": grid,
+    result = envelope(command, settings=vars(bench).copy()) | {"grid": grid,
               "arm": arm,
               "total_s": round(time.perf_counter() - started, 1), "rows": rows, "table": table,
               "chosen": best["setting"]}
     out = Path(bench.out)
     json_path = out.with_name(f"{out.stem}-{tag}.json")
-    write_files({json_path: to_json(result), json_path.with_suffix(".md"): tuning_markdown(result)})
+    write_result(json_path, result, tuning_markdown(result))
     return result
 
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.machine import machine_info
-from benchmarks.report import markdown_table, to_json, write_files
+from benchmarks.report import envelope, markdown_table, write_result
 from faiss_index import knn_other_class
 from nil.indexing import embed_split
 
@@ -53,8 +52,7 @@ def main() -> None:
         markdown_table(["run (dataset/model/arm/seed)", "nearest other-class (median)", "nearest same-class (median)",
                         "mean pairwise", "|mean z|"], table), ""])
     out = Path(args.out)
-    write_files({out: to_json({"command": command, "machine": machine_info(), "rows": rows}),
-                 out.with_suffix(".md"): md})
+    write_result(out, envelope(command, rows=rows), md)
     print(md)
 
 

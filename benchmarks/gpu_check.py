@@ -16,13 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import faiss_index
-from benchmarks.machine import machine_info
 from benchmarks.measure import median
 from benchmarks.mining import MiningBench, run_mining_bench
+from benchmarks.report import envelope, to_json, write_files
 from benchmarks.vectors import ClusteredSpec, clustered_vectors
 from nil.config import TrainConfig
 from nil.data.synth import write_synthetic
@@ -93,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cpu" if dry else "cuda")
     started = time.time()
-    result = {"machine": machine_info(), "dry_run": dry, "rows": [], "checks": {}}
+    command = "python -m benchmarks.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = envelope(command.strip(), dry_run=dry, rows=[], checks={})
     if result["machine"]["gpu"]:
         result["gpu"] = result["machine"]["gpu"]
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/"], capture_output=True,
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         result["rows"].extend(train_step_rows(dry, str(device), Path(tmp)))
     result["total_s"] = time.time() - started
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+    write_files({out: to_json(result)})
     print(f"gpu_check: wrote {out} in {result['total_s']:.0f} s")
     return 0
 

@@ -32,9 +32,9 @@ import torch
 from tqdm.auto import tqdm
 
 import faiss_index
-from benchmarks.machine import machine_info
-from benchmarks.measure import (KNOBS, PeakMemory, available_memory_gb, current_rss_mb, faiss_simd, git_revision,
-                                load_average, median, thread_env, timed_ms)
+from benchmarks.measure import (KNOBS, PeakMemory, available_memory_gb, current_rss_mb, faiss_simd, load_average,
+                                median, timed_ms)
+from benchmarks.report import envelope
 from benchmarks.vectors import CHUNK, ClusteredSpec, clustered_vectors, iter_chunks, moved, query_rows
 from nil.errors import NilError
 from nil.runtime import resolve_device
@@ -167,20 +167,16 @@ def run_mining_bench(cfg: MiningBench, command: str | None = None) -> dict:
     _methods(cfg)  # unknown method names fail before any work
     torch.manual_seed(cfg.seed)
     started = time.time()
-    result = {
-        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-        "machine": machine_info(),
-        "device": str(device),
-        "load_avg_start": load_average(),
-        "thread_env": thread_env(),
-        "git": git_revision(),
-        "data": {"generator": "benchmarks.vectors.clustered_vectors", **cfg.spec.as_dict(),
-                 "ids": f"{ID_OFFSET} + row", "queries": "rows of the data, distinct within a batch, "
-                 "searched with their own ids", "upsert": "the batch's ids with moved vectors (vectors.moved)"},
-        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("spec", "progress")},
-        "default_approximate": default_approximate_kind(device),
-        "rows": [],
-    }
+    result = envelope(
+        command or " ".join(shlex.quote(a) for a in sys.argv),
+        device=str(device),
+        data={"generator": "benchmarks.vectors.clustered_vectors", **cfg.spec.as_dict(),
+              "ids": f"{ID_OFFSET} + row", "queries": "rows of the data, distinct within a batch, "
+              "searched with their own ids", "upsert": "the batch's ids with moved vectors (vectors.moved)"},
+        settings={k: v for k, v in asdict(cfg).items() if k not in ("spec", "progress")},
+        default_approximate=default_approximate_kind(device),
+        rows=[],
+    )
     history: dict[str, dict] = {}  # method key -> figures at the previous N, for the skip estimates
     for n in cfg.sizes():
         data = _make_data(n, cfg, device)

@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.machine import machine_info
 from benchmarks.measure import load_average
-from benchmarks.report import markdown_table, to_json, write_files
+from benchmarks.report import envelope, markdown_table, write_result
 from nil.models import build_model
 from nil.predict import autocast
 
@@ -56,7 +55,7 @@ def main() -> None:
             for p in ("fp32", "bf16")]
     command = (f"python -m benchmarks.precision_step --model {args.model} --image-size {args.image_size} "
                f"--batch {args.batch} --steps {args.steps} --out {args.out}")
-    result = {"command": command, "machine": machine_info(), "model": args.model, "image_size": args.image_size,
+    result = envelope(command) | {"model": args.model, "image_size": args.image_size,
               "batch": args.batch, "rows": rows, "load_avg_start": load_start, "load_avg_end": load_average()}
     speedup = rows[0]["ms_per_step"] / rows[1]["ms_per_step"]
     md = "\n".join([
@@ -67,7 +66,7 @@ def main() -> None:
         markdown_table(["precision", "ms per step"], [[r["precision"], r["ms_per_step"]] for r in rows]), "",
         f"bf16 is {speedup:.2f}x faster here.", ""])
     out = Path(args.out)
-    write_files({out: to_json(result), out.with_suffix(".md"): md})
+    write_result(out, result, md)
     print(md)
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.measure import KNOBS
+from benchmarks.machine import machine_info
+from benchmarks.measure import KNOBS, git_revision, load_average, thread_env
 
 LOG = logging.getLogger(__name__)
 
@@ -73,6 +74,21 @@ _QUIET_PARAMS = ("nlist_per_class", "refresh_every", "niter", "max_points_per_ce
 def _params_text(params: dict, quiet: bool = True) -> str:
     shown = {k: v for k, v in params.items() if not (quiet and k in _QUIET_PARAMS)}
     return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def envelope(command: str, **fields) -> dict:
+    """The head of every benchmark result: the command, the machine, the code measured, and the load
+    and thread settings at the start; ``fields`` follow."""
+    return {"command": command, "machine": machine_info(), "git": git_revision(("faiss_index", "nil", "benchmarks",
+                                                                                "cli")),
+            "load_avg_start": load_average(), "thread_env": thread_env()} | fields
+
+
+def write_result(out: str | Path, result: dict, markdown: str, **more: bytes | str) -> None:
+    """``out`` (JSON), the markdown beside it (same name, .md) and any ``more`` files (suffix: content), all or none."""
+    out = Path(out)
+    write_files({out: to_json(result), out.with_suffix(".md"): markdown}
+                | {out.with_suffix(suffix): data for suffix, data in more.items()})
 
 
 def write_files(contents: dict[Path, bytes | str]) -> None:
@@ -302,8 +318,7 @@ def mining_plot_png(result: dict) -> bytes:
 
 
 def write_mining_outputs(result: dict, out: Path) -> None:
-    write_files({out: to_json(result), out.with_suffix(".md"): mining_markdown(result),
-                 out.with_suffix(".png"): mining_plot_png(result)})
+    write_result(out, result, mining_markdown(result), **{".png": mining_plot_png(result)})
     LOG.info("wrote %s, %s and %s", out, out.with_suffix(".md"), out.with_suffix(".png"))
 
 
@@ -369,5 +384,5 @@ def train_markdown(result: dict) -> str:
 
 
 def write_train_outputs(result: dict, out: Path) -> None:
-    write_files({out: to_json(result), out.with_suffix(".md"): train_markdown(result)})
+    write_result(out, result, train_markdown(result))
     LOG.info("wrote %s and %s", out, out.with_suffix(".md"))

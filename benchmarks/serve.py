@@ -32,9 +32,8 @@ import numpy as np
 import torch
 
 import faiss_index
-from benchmarks.machine import machine_info
-from benchmarks.measure import git_revision, load_average, thread_env
-from benchmarks.report import fmt, machine_lines, markdown_table, to_json, write_files
+from benchmarks.measure import load_average
+from benchmarks.report import envelope, fmt, machine_lines, markdown_table, write_result
 from benchmarks.server import ServeProcess
 from faiss_index.base import BaseIndex
 from faiss_index.synthetic import clustered
@@ -148,9 +147,7 @@ def _server_ms(log: Path, skip: int) -> list[float]:
 
 def run_serve_bench(cfg: ServeBench, command: str | None = None) -> dict:
     """Run the benchmark and write cfg.out (JSON) and the .md beside it; return the result."""
-    result = {"benchmark": "serve", "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-              "settings": asdict(cfg), "machine": machine_info(), "load_avg_start": load_average(),
-              "thread_env": thread_env(), "git": git_revision(("faiss_index", "nil", "benchmarks", "cli"))}
+    result = envelope(command or " ".join(shlex.quote(a) for a in sys.argv), benchmark="serve", settings=asdict(cfg))
     token = secrets.token_urlsafe(16)
     rng = np.random.default_rng(cfg.seed + 1)
     with tempfile.TemporaryDirectory(prefix="nil-bench-serve-") as tmp:
@@ -212,8 +209,7 @@ def run_serve_bench(cfg: ServeBench, command: str | None = None) -> dict:
     result["goal"] = {"p99_ms": P99_GOAL_MS, "errors": 0,
                       "met": bool(result["errors"] == 0 and result["p99_ms"] is not None
                                   and result["p99_ms"] < P99_GOAL_MS and not result["time_budget_hit"])}
-    out = Path(cfg.out)
-    write_files({out: to_json(result), out.with_suffix(".md"): serve_markdown(result)})
+    write_result(cfg.out, result, serve_markdown(result))
     return result
 
 

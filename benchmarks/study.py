@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.machine import machine_info
-from benchmarks.report import markdown_table, to_json, write_files
+from benchmarks.report import envelope, markdown_table, write_files, write_result
 from nil.config import TrainConfig
 
 LOG = logging.getLogger(__name__)
@@ -362,12 +362,12 @@ def write_report(study: Study, command: str = "") -> dict:
     choices = json.loads(study.choice_file.read_text()) if study.choice_file.exists() else {}
     summary = summarise(rows)
     pairs = paired(rows, "ce") + paired(rows, "ce-matched")
-    result = {"command": command, "machine": machine_info(), "commit": _commit(), "settings": asdict(study),
+    result = envelope(command, commit=_commit(), settings=asdict(study)) | {
               "choices": choices, "rows": rows, "summary": summary, "paired": pairs,
               "goal": goal(summary, pairs), "planned_runs": len(study.models) * len(study.seeds)
               * len(study.datasets) * len(study.arms), "finished_runs": len(rows)}
     out = Path(study.out)
-    write_files({out: to_json(result), out.with_suffix(".md"): study_markdown(result)})
+    write_result(out, result, study_markdown(result))
     return result
 
 

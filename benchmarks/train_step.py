@@ -33,8 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 import faiss_index
-from benchmarks.machine import machine_info
-from benchmarks.measure import faiss_simd, git_revision, load_average, median, sync, thread_env
+from benchmarks.measure import faiss_simd, load_average, median, sync
+from benchmarks.report import envelope
 from benchmarks.vectors import ClusteredSpec, iter_chunks, moved
 from nil.config import TrainConfig
 from nil.data import write_synthetic
@@ -128,20 +128,16 @@ def run_train_bench(cfg: TrainBench, command: str | None = None) -> dict:
         if device.type == "cpu":  # as nil.train.train does on the CPU
             torch.use_deterministic_algorithms(True, warn_only=True)
         tcfg, ds, batches = _patch_batches(cfg, tmp, device)
-        result = {
-            "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-            "machine": machine_info(),
-            "device": str(device),
-            "load_avg_start": load_average(),
-        "thread_env": thread_env(),
-        "git": git_revision(),
-            "settings": {k: v for k, v in asdict(cfg).items() if k != "progress"},
-            "prefill": (f"The miner's memory was prefilled with N seeded clustered unit embeddings "
+        result = envelope(
+            command or " ".join(shlex.quote(a) for a in sys.argv),
+            device=str(device),
+            settings={k: v for k, v in asdict(cfg).items() if k != "progress"},
+            prefill=(f"The miner's memory was prefilled with N seeded clustered unit embeddings "
                         f"(benchmarks.vectors, {cfg.embed_dim}-d, {ds.num_classes} classes) under distinct ids and "
                         "labels: the timed batches' samples first, under their own ids and labels, then ids "
                         "beyond the patch store's; no epoch over N images was trained."),
-            "rows": [],
-        }
+            rows=[],
+        )
         kinds = resolve_kinds(cfg.faiss_kinds, device)
         result["settings"]["faiss_kinds"] = list(kinds)
         plan = [("none", None, None)] if "none" in cfg.anns else []
