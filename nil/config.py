@@ -86,6 +86,9 @@ class TrainConfig:
              "--loss ce-replay replays mined distractor images and needs --distractor memory"),
             (self.variant != "triplet" or self.distractor == "memory",
              "--variant triplet needs a stored positive, so --distractor memory"),
+            (self.index_from is None or self.loss != "ce-replay",
+             "--loss ce-replay searches pooled features, and an index from `nil index build` holds embeddings z; "
+             "drop --index-from"),
             (self.index_from is None or self.distractor == "memory",
              "--index-from starts a distractor memory and needs --distractor memory"),
             (self.warmup_epochs >= 0, "--warmup-epochs must be non-negative"),
