@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -147,6 +148,22 @@ def _append(study: Study, row: dict) -> None:
         fh.flush()
 
 
+def _claim(study: Study, key: str) -> bool:
+    """Take run ``key`` for this process unless a live process of the study holds it already."""
+    claims = Path(study.workdir) / "claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / key
+    try:
+        holder = int(path.read_text() or 0)
+        os.kill(holder, 0)  # raises if that process is gone
+        return holder == os.getpid()
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        path.write_text(str(os.getpid()))  # free, or left by a process that died
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -170,7 +187,8 @@ def _train_one(study: Study, stage: str, dataset: str, model: str, arm: str, see
 
     probe = run_config(study, dataset, model, arm, seed, params, Path("-"), stage == "final")
     key = run_key(stage, probe)
-    if key in done:
+    done.update(load_rows(study))  # what other processes of the study finished meanwhile
+    if key in done or not _claim(study, key):
         return None
     run_dir = Path(study.workdir) / stage / dataset / model / arm / f"seed{seed}-{key}"
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier attempt

@@ -88,7 +88,8 @@ def demo(out, n, epochs, seed, device, progress):
 @click.option("--gradient-step", default=DEFAULT.gradient_step, show_default=True, help="--distractor gradient: step size, x ||f||.")
 @click.option("--fresh-distractors/--stored-distractors", default=DEFAULT.fresh_distractors, show_default=True,
               help="Re-embed each mined distractor's image with the current network in the same step (gradient "
-                   "through both; ~2x the step) instead of using its stored, up to an epoch old, embedding.")
+                   "through both; ~2x the step) instead of using its stored, up to an epoch old, embedding "
+                   "(stored vectors let the embeddings collapse).")
 @click.option("--ann", default=DEFAULT.ann, show_default=True, type=click.Choice(ANNS),
               help="Where distractors come from: the batch, an exact memory, or the FAISS engine.")
 @click.option("--ann-index", default=DEFAULT.ann_index, show_default=True,
@@ -139,6 +140,11 @@ def train(**kw):
         click.echo(metrics_table({"test": result["test"], "val": result["val"]}))
         click.echo(f"\nbest epoch {result['best_epoch']} by val {result['select_metric']}; run folder: {resume_dir}")
         return
+    ctx = click.get_current_context()
+    if (kw["fresh_distractors"] and kw["distractor"] == "gradient"
+            and ctx.get_parameter_source("fresh_distractors") == click.core.ParameterSource.COMMANDLINE):
+        raise click.UsageError("--fresh-distractors re-embeds searched distractor images; --distractor gradient "
+                               "has none (drop one of them)")
     if kw["csv_label_cols"]:
         kw["csv_label_cols"] = [c.strip() for c in kw["csv_label_cols"].split(",") if c.strip()]
     kw["format"] = kw.pop("fmt")

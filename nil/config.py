@@ -49,17 +49,17 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3  # AdamW
-    schedule: Schedule = "cosine"  # cosine: decay to 0 over all steps; step: x0.1 at 50% and 75% of the steps
+    schedule: Schedule = "step"  # step: x0.1 at 50% and 75% of the steps (the study's recipe); cosine: decay to 0
     weight_decay: float = 1e-4
     # distractor-aware loss
     loss: Loss = "nil"  # ce: cross-entropy only; nil: CE + lambda * distractor term; ce-replay: CE + lambda * CE of the distractor images
-    lam: float = 0.5  # weight lambda of the distractor term (ce-replay: of the replayed images' CE)
-    margin: float = 0.5  # distance below which a distractor is pushed away
+    lam: float = 0.3  # weight lambda of the distractor term (ce-replay: of the replayed images' CE)
+    margin: float = 1.4  # distance below which a distractor is pushed away (unit sphere: distances in [0, 2])
     variant: Variant = "margin"  # margin | triplet
-    warmup_epochs: int = 1  # epochs of CE only while the memory fills
+    warmup_epochs: int = 0  # epochs of CE only before the distractor term starts
     distractor: Distractor = "memory"  # memory: nearest stored other-class sample; gradient: from the neurons
     gradient_step: float = 0.5  # --distractor gradient: step along the confusing class's gradient, x ||f||
-    fresh_distractors: bool = False  # re-embed each mined distractor image with the current network
+    fresh_distractors: bool = True  # re-embed each mined distractor image with the current network (stored: collapses)
     # distractor search
     ann: Ann = "exact"  # none: within the batch; exact: torch engine; faiss: FAISS engine
     ann_index: str = "auto"  # kind for --ann faiss; auto: the engine's default for the device
@@ -96,12 +96,13 @@ class TrainConfig:
             (self.margin > 0, "--margin must be positive"),
             (self.index_from is None or self.ann != "none", "--index-from needs --ann exact or --ann faiss"),
             (self.gradient_step > 0, "--gradient-step must be positive"),
-            (not self.fresh_distractors or self.distractor == "memory",
-             "--fresh-distractors applies to --distractor memory"),
             (self.loss != "ce-replay" or self.distractor == "memory",
              "--loss ce-replay replays mined distractor images and needs --distractor memory"),
             (self.variant != "triplet" or self.distractor == "memory",
              "--variant triplet needs a stored positive, so --distractor memory"),
+            (self.index_from is None or self.loss != "ce-replay",
+             "--loss ce-replay searches pooled features, and an index from `nil index build` holds embeddings z; "
+             "drop --index-from"),
             (self.index_from is None or self.distractor == "memory",
              "--index-from starts a distractor memory and needs --distractor memory"),
             (self.warmup_epochs >= 0, "--warmup-epochs must be non-negative"),

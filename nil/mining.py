@@ -270,18 +270,32 @@ class SearchedDistractors(DistractorSource):
     batch's own forward pass. ``replay``: the distractor images' outputs are also returned for a
     cross-entropy term of their own (``--loss ce-replay``, the compute-matched control). Without
     ``images`` the stored (detached) vector is used.
+
+    ``space``: where the search measures distances: ``"z"``, the embedding the distractor term acts
+    on, or ``"features"``, the L2-normalised pooled features that cross-entropy trains (the
+    replay control, whose loss never reaches z: searched in z, an untrained random projection, its
+    distractors are a few hub images).
     """
 
-    def __init__(self, miner: DistractorMiner, images: DistractorImages | None = None, replay: bool = False):
+    def __init__(self, miner: DistractorMiner, images: DistractorImages | None = None, replay: bool = False,
+                 space: str = "z"):
         if replay and images is None:
             raise ValueError("replay needs the distractor images")
-        self.miner, self.images, self.replay = miner, images, replay
+        if space not in ("z", "features"):
+            raise ValueError(f"space must be z or features, got {space!r}")
+        self.miner, self.images, self.replay, self.space = miner, images, replay, space
+
+    def key(self, out: ModelOutput) -> torch.Tensor:
+        """The detached vectors the memory stores and is searched with."""
+        if self.space == "features":
+            return F.normalize(out.features.detach().float(), dim=1)
+        return out.z.detach().float()
 
     def step(self, model, x, y, ids, active):
         out = embed(model, x)
         if not active:
             return Step(out)
-        pairs = self.miner.mine(out.z.detach().float(), y, ids)
+        pairs = self.miner.mine(self.key(out), y, ids)
         if self.images is None:
             return Step(out, pairs)
         return self._embed_again(model, out, pairs, ids)
@@ -310,7 +324,7 @@ class SearchedDistractors(DistractorSource):
                     replay, labels)
 
     def update(self, step, y, ids):
-        self.miner.update(step.out.z.detach().float(), y, ids)
+        self.miner.update(self.key(step.out), y, ids)
 
 
 class GradientDistractors(DistractorSource):

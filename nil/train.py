@@ -209,7 +209,8 @@ def build_training(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch
     trainee = distributed.wrap_model(model, device, find_unused=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return Training(model, trainee, optimizer, make_scheduler(optimizer, cfg.schedule, total_steps),
-                    DistractorLoss(cfg.margin, cfg.variant), make_source(cfg, ds, image_size, device, kind))
+                    DistractorLoss(cfg.margin, cfg.variant),
+                    make_source(cfg, ds, image_size, device, kind, feature_dim=model.classifier.in_features))
 
 
 def _start_index(cfg: TrainConfig, ds: Dataset, device: torch.device):
@@ -239,21 +240,28 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
 
 
 def make_source(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
-                kind: str = "auto") -> DistractorSource:
-    """The distractor source the configuration asks for (see :mod:`nil.mining`)."""
+                kind: str = "auto", feature_dim: int | None = None) -> DistractorSource:
+    """The distractor source the configuration asks for (see :mod:`nil.mining`).
+
+    ``--loss ce-replay`` searches the model's pooled features (``feature_dim`` wide): its loss
+    never trains z."""
     if cfg.loss == "ce":
         return DistractorSource()
     if cfg.distractor == "gradient":
         return GradientDistractors(cfg.gradient_step)
     kind = faiss_index.default_kind(str(device)) if kind == "auto" else kind
-    miner = DistractorMiner(cfg.ann, ds.num_classes, cfg.embed_dim, device, kind=kind,
+    space = "features" if cfg.loss == "ce-replay" else "z"
+    dim = feature_dim if space == "features" else cfg.embed_dim
+    if dim is None:
+        raise ValueError("--loss ce-replay searches pooled features: pass feature_dim")
+    miner = DistractorMiner(cfg.ann, ds.num_classes, dim, device, kind=kind,
                             refresh_every=cfg.refresh_every, need_positive=cfg.variant == "triplet",
                             audit_every=cfg.audit_every, index=_start_index(cfg, ds, device),
                             shard=faiss_index.DistributedIndex if distributed.context().distributed else None)
     images = None
     if cfg.fresh_distractors or cfg.loss == "ce-replay":
         images = DistractorImages(ds.train, make_transform(True, image_size, ds.channels))
-    return SearchedDistractors(miner, images, replay=cfg.loss == "ce-replay")
+    return SearchedDistractors(miner, images, replay=cfg.loss == "ce-replay", space=space)
 
 
 def step_loss(step: Step, y: torch.Tensor, criterion: DistractorLoss, cfg: TrainConfig) -> tuple[torch.Tensor, ...]:

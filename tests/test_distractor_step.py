@@ -149,7 +149,6 @@ def test_no_search_during_warmup(tmp_path, tiny_npz):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(distractor="gradient", fresh_distractors=True), "fresh-distractors"),
     (dict(distractor="gradient", loss="ce-replay"), "ce-replay"),
     (dict(distractor="gradient", variant="triplet"), "triplet"),
     (dict(distractor="gradient", index_from="x"), "index-from"),
@@ -194,3 +193,36 @@ def test_ce_replay_loss_is_batch_ce_plus_lambda_times_the_replayed_images_ce():
     assert torch.allclose(total, f(logits, y) + 0.3 * f(replay_logits, replay_y))
     no_replay = Step(ModelOutput(logits, z, z))  # warm-up, or no distractor image this step
     assert torch.allclose(step_loss(no_replay, y, DistractorLoss(0.5), cfg)[0], f(logits, y))
+
+
+def test_fresh_distractors_asked_for_with_the_gradient_source_is_refused_but_the_default_is_not(tmp_path, tiny_npz):
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    common = ["train", "--data", str(tiny_npz), "--out", str(tmp_path / "r"), "--model", "small_cnn",
+              "--epochs", "1", "--device", "cpu", "--no-progress", "--distractor", "gradient"]
+    refused = CliRunner().invoke(main, common + ["--fresh-distractors"])
+    assert refused.exit_code == 2 and "--distractor gradient has none" in refused.output
+    assert not (tmp_path / "r").exists()
+    TrainConfig(data="x", out="y", distractor="gradient").validate()  # fresh is the default: no refusal
+
+
+def test_replay_source_in_feature_space_finds_the_nearest_other_class_pooled_features(setup):
+    """The replay control searches the normalised pooled features (what its cross-entropy trains)."""
+    ds, model, images, x, y, ids = setup
+    width = model.classifier.in_features
+    miner = DistractorMiner("none", ds.num_classes, width)
+    source = SearchedDistractors(miner, images, replay=True, space="features")
+    with batch_statistics(model):
+        step = source.step(model, x, y, ids, active=True)
+    f = torch.nn.functional.normalize(step.out.features.detach(), dim=1)
+    d = torch.cdist(f, f).masked_fill(y[:, None] == y[None, :], float("inf"))
+    assert torch.equal(step.pairs.ids, ids[d.argmin(1)])
+    with pytest.raises(ValueError, match="space"):
+        SearchedDistractors(miner, images, space="logits")
+
+
+def test_ce_replay_with_a_saved_index_is_refused():
+    with pytest.raises(NilError, match="ce-replay searches pooled features"):
+        TrainConfig(data="x", out="y", loss="ce-replay", index_from="idx").validate()

@@ -18,7 +18,7 @@ from nil.train import train
 ROOT = Path(__file__).resolve().parents[1]
 # tiny_npz: 96 training images; batch 16 -> 6 steps per epoch, 12 in a 2-epoch run
 BASE = dict(model="small_cnn", epochs=2, batch_size=16, lr=3e-3, embed_dim=16, warmup_epochs=0,
-            progress=False, device="cpu", seed=5)
+            progress=False, device="cpu", seed=5, fresh_distractors=False)
 
 
 def cli_args(cfg: dict) -> list[str]:
@@ -27,7 +27,7 @@ def cli_args(cfg: dict) -> list[str]:
         if k == "progress":
             args.append("--no-progress")
         elif k == "fresh_distractors":
-            args.append("--fresh-distractors")
+            args.append("--fresh-distractors" if v else "--stored-distractors")
         else:
             args += [f"--{k.replace('_', '-')}", str(v)]
     return args
