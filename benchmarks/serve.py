@@ -38,7 +38,7 @@ import faiss_index
 from benchmarks.machine import machine_info
 from benchmarks.measure import git_revision, load_average, thread_env
 from benchmarks.report import fmt, machine_lines, markdown_table, to_json, write_files
-from faiss_index.base import BaseIndex
+from faiss_index.indexes.base import BaseIndex
 from faiss_index.synthetic import clustered
 
 LOG = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ def index_serve(index_dir, checkpoint, host, port, token, max_batch, max_k, max_
     """
     import uvicorn
 
-    from faiss_index.server import check_bind
+    from faiss_index.service.app import check_bind
 
     check_bind(host, token)
     if not Path(index_dir, "manifest.json").is_file():
@@ -59,7 +59,7 @@ def index_serve(index_dir, checkpoint, host, port, token, max_batch, max_k, max_
               "limits": {"max_batch": max_batch, "max_k": max_k, "max_body_bytes": int(max_body_mb * 2**20),
                          "search_threads": search_threads or os.cpu_count() or 1},
               "torch_threads": torch_threads, "writable": workers == 1}
-    server_log = logging.getLogger("faiss_index.server")
+    server_log = logging.getLogger("faiss_index.service")
     if server_log.getEffectiveLevel() > logging.INFO:
         server_log.setLevel(logging.INFO)  # the request lines and the startup line are the service's output
     common = {"host": host, "port": port, "access_log": False, "timeout_graceful_shutdown": 30}
@@ -77,7 +77,7 @@ def make_app(config: dict, token: str | None):
     import torch
 
     import faiss_index
-    from faiss_index.server import ServiceLimits, create_app, stored_keys
+    from faiss_index.service.app import ServiceLimits, create_app, stored_keys
 
     torch.set_num_threads(config["torch_threads"])  # faiss follows torch's thread count
     device = config["device"]
@@ -107,7 +107,7 @@ def app_from_env():
     """uvicorn's factory for each worker process of ``--workers N``."""
     # a spawned worker does not run `main`, which configures logging: the request lines need a handler
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("faiss_index.server").setLevel(logging.INFO)
+    logging.getLogger("faiss_index.service").setLevel(logging.INFO)
     return make_app(json.loads(os.environ[CONFIG_ENV]), os.environ.get("NIL_TOKEN") or None)
 
 

@@ -9,7 +9,7 @@ positives) for batches of embeddings that stream in during training.
 * :class:`FaissIndex` -- the approximate engine: a :class:`VectorStore` (freshest vector per
   sample id), a faiss structure rebuilt every ``refresh_every`` upserts, an exact delta for rows
   changed since, and exact re-ranking of all candidates from the store. On CPU the IVF kinds use
-  class-partitioned lists with joint probing (:mod:`faiss_index.partitioned`); ``"ivfpq"``
+  class-partitioned lists with joint probing (:mod:`faiss_index.streaming.partitioned_ivf`); ``"ivfpq"``
   (4-bit fast-scan codes + re-rank) is the measured CPU default (``default_kind("cpu")``).
 * :func:`save_index` / :func:`load_index` / :func:`index_stats` -- atomic, checksummed folders.
 
@@ -17,15 +17,15 @@ faiss is imported lazily, so everything exact works without it; using a faiss ki
 faiss raises :class:`FaissUnavailableError` naming the extra to install.
 """
 from .errors import FaissUnavailableError, IndexFormatError, IndexInputError, IndexWriteError
-from .exact import knn_other_class
-from .exact_index import ExactIndex
-from .approx_index import FaissIndex
-from .distributed import DistributedIndex, owned_share
-from .factory import make_index
+from .engines.exact import knn_other_class
+from .indexes.exact_index import ExactIndex
+from .indexes.faiss_index import FaissIndex
+from .indexes.distributed import DistributedIndex, owned_share
+from .indexes.factory import make_index
 from .kinds import KINDS, default_kind
-from .persist import index_stats, load_index, save_index, verify_index
+from .persistence.save import index_stats, load_index, save_index, verify_index
 from .result import SearchResult
-from .store import VectorStore
+from .streaming.store import VectorStore
 
 __all__ = [
     "IndexInputError", "IndexFormatError", "IndexWriteError", "FaissUnavailableError", "SearchResult", "VectorStore",

@@ -118,10 +118,10 @@ def _build_index_parallel(out, checkpoint, data, kind, split, fmt, batch_size, d
     chunk = max(1, min(65536, -(-n // ctx.world_size)))
     per = -(-(-(-n // ctx.world_size)) // chunk) * chunk  # rows per rank, whole chunks
     lo, hi = min(n, ctx.rank * per), min(n, (ctx.rank + 1) * per)
-    staging = distributed.broadcast_object(faiss_index.persist.staging_folder(out) if ctx.is_main else None)
+    staging = distributed.broadcast_object(faiss_index.persistence.save.staging_folder(out) if ctx.is_main else None)
     try:
         if ctx.is_main:
-            faiss_index.persist.create_embeddings(staging, n, dim, chunk)
+            faiss_index.persistence.save.create_embeddings(staging, n, dim, chunk)
         distributed.barrier()
         if hi > lo:
             part = samples.subset(np.arange(lo, hi))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import zarr
 
-import faiss_index.persist as persist
+import faiss_index.persistence.save as persist
 from faiss_index import IndexFormatError, IndexInputError, index_stats, load_index, make_index, save_index
 from faiss_index.synthetic import clustered
 

@@ -23,7 +23,7 @@ from PIL import Image
 import faiss_index
 from cli.main import main
 from faiss_index.client import Client, ServiceError
-from faiss_index.server import stored_keys
+from faiss_index.service.app import stored_keys
 from faiss_index.synthetic import clustered
 
 TOKEN = "serve-test-token"

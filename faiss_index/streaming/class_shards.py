@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .builders import build_one, index_nbytes, resolve_kind_params, search_one, wrap_loaded
-from .engine import Engine
-from .gpu import GpuContext
+from ..engines.single_faiss import build_one, index_nbytes, resolve_kind_params, search_one, wrap_loaded
+from .structure import Engine
+from ..engines.gpu import GpuContext
 
 LOG = logging.getLogger(__name__)
 

@@ -41,9 +41,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from .base import BaseIndex
-from .errors import IndexInputError
-from .persist import EMBEDDINGS, load_index, save_index
+from ..indexes.base import BaseIndex
+from ..errors import IndexInputError
+from ..persistence.save import EMBEDDINGS, load_index, save_index
 
 LOG = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Construction of faiss IVF indexes from quantizers trained in torch.
 
-Coarse centroids and PQ codebooks come from :mod:`kmeans` / :mod:`pq`; this module writes them
+Coarse centroids and PQ codebooks come from :mod:`.kmeans` / :mod:`.pq`; this module writes them
 into faiss objects and fills the inverted lists directly from a precomputed list assignment, so
 faiss never re-assigns vectors (which is what lets one container hold class-pure lists).
 """

@@ -6,7 +6,7 @@ import logging
 import torch
 
 from .base import BaseIndex
-from .exact import knn_other_class
+from ..engines.exact import knn_other_class
 
 LOG = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """Build and search one faiss index of a given kind over a set of vectors (CPU or one GPU).
 
-Shared by the per-class shards (:mod:`sharded`) and the global label-filtered index
-(:mod:`filtered`). faiss ids are positions 0..n-1 in the given vectors; callers map them to rows.
-Coarse quantizers and PQ codebooks are trained in torch (:mod:`kmeans`, :mod:`pq`) and the IVF
+Shared by the per-class shards (:mod:`faiss_index.streaming.class_shards`) and the global
+label-filtered index (:mod:`faiss_index.streaming.global_filtered`). faiss ids are positions
+0..n-1 in the given vectors; callers map them to rows.
+Coarse quantizers and PQ codebooks are trained in torch (:mod:`faiss_index.quantizers`) and the IVF
 lists filled directly, so the same build runs for CPU and GPU (GPU indexes are copied from CPU).
 """
 from __future__ import annotations
@@ -16,10 +17,10 @@ import numpy as np
 import torch
 
 from .gpu import GpuContext
-from .ivf_build import fill_lists, ivf_nbytes, new_ivf, to_fast_scan
-from .kinds import GPU_PQ_M, default_nlist
-from .kmeans import assign, kmeans, seeded_sample
-from .pq import train_pq
+from ..quantizers.ivf import fill_lists, ivf_nbytes, new_ivf, to_fast_scan
+from ..kinds import GPU_PQ_M, default_nlist
+from ..quantizers.kmeans import assign, kmeans, seeded_sample
+from ..quantizers.pq import train_pq
 
 LOG = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 from .base import BaseIndex
-from .delta import DeltaBuffer
-from .errors import FaissUnavailableError, IndexInputError
-from .exact import knn_other_class
-from .kinds import FAISS_KINDS, KINDS, MAX_SHARDED_CLASSES, IndexParams
-from .rerank import rerank
-from ._faiss import follow_torch_threads, has_cuvs, import_faiss
+from ..streaming.delta import DeltaBuffer
+from ..errors import FaissUnavailableError, IndexInputError
+from ..engines.exact import knn_other_class
+from ..kinds import FAISS_KINDS, KINDS, MAX_SHARDED_CLASSES, IndexParams
+from ..streaming.rerank import rerank
+from ..engines.faiss_lib import follow_torch_threads, has_cuvs, import_faiss
 
 LOG = logging.getLogger(__name__)
 
@@ -72,18 +72,18 @@ class FaissIndex(BaseIndex):
         self.strategy = strategy
         gpus = None
         if on_gpu:
-            from .gpu import GpuContext
+            from ..engines.gpu import GpuContext
             spread = p.multi_gpu and raw_device == "cuda"
             gpus = GpuContext(faiss, self.device, spread)
         args = (faiss, kind, dim, num_classes, self.device, p)
         if strategy == "global":
-            from .filtered import GlobalFiltered
+            from ..streaming.global_filtered import GlobalFiltered
             self.engine = GlobalFiltered(*args, gpus=gpus)
         elif not on_gpu and kind in ("ivf", "ivfpq"):
-            from .partitioned import PartitionedIVF
+            from ..streaming.partitioned_ivf import PartitionedIVF
             self.engine = PartitionedIVF(*args)
         else:
-            from .sharded import ClassShards
+            from ..streaming.class_shards import ClassShards
             self.engine = ClassShards(*args, gpus=gpus)
         self._user_params = p
         self.delta = DeltaBuffer(dim, self.device)

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .exact import knn_other_class
-from .result import SearchResult, make_result
-from .validate import as_ids, as_labels, as_vectors, check_k, check_same_length
+from ..engines.exact import knn_other_class
+from ..result import SearchResult, make_result
+from ..validate import as_ids, as_labels, as_vectors, check_k, check_same_length
 
 LOG = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine import Engine
-from .errors import IndexInputError
-from .ivf_build import fill_lists, ivf_nbytes, new_ivf, to_fast_scan
-from .kinds import default_nlist
-from .kmeans import assign, kmeans, seeded_sample
-from .pq import encode_pq, pack_codes, pq_mse, train_pq
+from .structure import Engine
+from ..errors import IndexInputError
+from ..quantizers.ivf import fill_lists, ivf_nbytes, new_ivf, to_fast_scan
+from ..kinds import default_nlist
+from ..quantizers.kmeans import assign, kmeans, seeded_sample
+from ..quantizers.pq import encode_pq, pack_codes, pq_mse, train_pq
 
 LOG = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from .errors import IndexInputError
-from .result import SearchResult, make_result
-from .store import VectorStore
-from .validate import as_ids, as_labels, as_vectors, check_k, check_same_length, resolve_device
+from ..errors import IndexInputError
+from ..result import SearchResult, make_result
+from ..streaming.store import VectorStore
+from ..validate import as_ids, as_labels, as_vectors, check_k, check_same_length, resolve_device
 
 LOG = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import BaseIndex
-from .errors import IndexFormatError, IndexInputError, IndexWriteError
+from ..indexes.base import BaseIndex
+from ..errors import IndexFormatError, IndexInputError, IndexWriteError
 
 LOG = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ def load_index(index_dir: str | Path, device: str | torch.device = "cpu") -> tup
     """
     import zarr  # noqa: PLC0415
 
-    from .factory import make_index  # noqa: PLC0415 - avoids an import cycle
+    from ..indexes.factory import make_index  # noqa: PLC0415 - avoids an import cycle
 
     folder = Path(index_dir)
     if folder.is_dir() and (folder / MANIFEST).is_file():

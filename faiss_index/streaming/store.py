@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .errors import IndexInputError
-from .validate import as_ids, as_int, as_labels, as_vectors, check_same_length, resolve_device
+from ..errors import IndexInputError
+from ..validate import as_ids, as_int, as_labels, as_vectors, check_same_length, resolve_device
 
 LOG = logging.getLogger(__name__)
 

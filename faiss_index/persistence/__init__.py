@@ -1,0 +1,1 @@
+"""Index folders on disk: the layout, saving, loading, verifying, and the zarr embedding store."""

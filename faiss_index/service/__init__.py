@@ -1,0 +1,1 @@
+"""The search service: a saved index served over HTTP (FastAPI)."""
