@@ -49,10 +49,11 @@ def index_serve(index_dir, checkpoint, host, port, token, max_batch, max_k, max_
     """
     import uvicorn
 
-    from faiss_index.service.app import check_bind
+    import faiss_index
+    from faiss_index.service import check_bind
 
     check_bind(host, token)
-    if not Path(index_dir, "manifest.json").is_file():
+    if not faiss_index.is_index_dir(index_dir):
         raise click.ClickException(f"{index_dir} is not an index folder (no manifest.json); build one with "
                                    "`nil index build`.")
     config = {"index_dir": str(Path(index_dir).resolve()), "checkpoint": checkpoint, "device": device,
@@ -77,7 +78,7 @@ def make_app(config: dict, token: str | None):
     import torch
 
     import faiss_index
-    from faiss_index.service.app import ServiceLimits, create_app, stored_keys
+    from faiss_index.service import ServiceLimits, create_app
 
     torch.set_num_threads(config["torch_threads"])  # faiss follows torch's thread count
     device = config["device"]
@@ -88,7 +89,7 @@ def make_app(config: dict, token: str | None):
     embed = None
     if checkpoint is not None:  # the model side (nil, torchvision) is imported only to embed images
         from nil.errors import NilError
-        from nil.indexing import sha256_file
+        from faiss_index import sha256_file
 
         if not Path(checkpoint).is_file():
             raise NilError(f"checkpoint {checkpoint} does not exist" + ("" if config["checkpoint"] else
@@ -99,7 +100,8 @@ def make_app(config: dict, token: str | None):
         if embed.dim != index.dim:
             raise NilError(f"checkpoint {checkpoint} embeds into {embed.dim} dimensions but the index holds "
                            f"{index.dim}-dimensional vectors")
-    return create_app(index, manifest, config["index_dir"], keys=stored_keys(config["index_dir"], len(index)),
+    keys = faiss_index.stored_keys(config["index_dir"], len(index))
+    return create_app(index, manifest, config["index_dir"], keys=keys,
                       embed=embed, token=token, limits=ServiceLimits(**config["limits"]), writable=config["writable"])
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 import faiss_index
 from cli.main import main
 from faiss_index.client import Client, ServiceError
-from faiss_index.service.app import stored_keys
+from faiss_index import stored_keys
 from faiss_index.synthetic import clustered
 
 TOKEN = "serve-test-token"
@@ -91,7 +91,7 @@ def _make_checkpoint(path: Path) -> Path:
 
 
 def _build_index(folder: Path, checkpoint: Path | None) -> None:
-    from nil.indexing import sha256_file
+    from faiss_index import sha256_file
 
     extra = {"checkpoint": str(checkpoint)} if checkpoint else {"owner": "lab 3"}
     x, y = clustered(N, DIM, CLASSES, clusters_per_class=10, seed=0)

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from .gpu import GpuContext
-from ..quantizers.ivf import fill_lists, ivf_nbytes, new_ivf, to_fast_scan
+from ..quantizers.ivf import build_ivf, ivf_nbytes, search_preassigned
 from ..kinds import GPU_PQ_M, default_nlist
 from ..quantizers.kmeans import assign, kmeans, seeded_sample
 from ..quantizers.pq import train_pq
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["Handle", "resolve_kind_params", "build_one", "search_one", "index_nbytes", "wrap_loaded"]
+__all__ = ["Handle", "resolve_kind_params", "build_one", "search_one", "index_nbytes", "load_one"]
 
 
 @dataclass
@@ -95,29 +95,39 @@ def build_one(faiss: ModuleType, kind: str, xs: torch.Tensor, r: dict, gpus: Gpu
     list_no, _ = assign(xs, cent)
     ids = torch.arange(n, dtype=torch.int64)
     if kind == "ivf":
-        index, quantizer = new_ivf(faiss, "ivf", cent)
-        fill_lists(faiss, index, xs, list_no, ids)
+        index, quantizer = build_ivf(faiss, "ivf", xs, cent, list_no, ids)
     else:
         resid = r["by_residual"]
         pts = xs[seeded_sample(n, 16384, seed + 1, xs.device)]
         train_x = pts - cent[assign(pts, cent)[0]] if resid else pts
         pq_cent = train_pq(train_x, r["m"], r["nbits"], seed=seed)
-        index, quantizer = new_ivf(faiss, "ivfpq", cent, m=r["m"], nbits=r["nbits"], pq_centroids=pq_cent,
-                                   by_residual=resid)
-        fill_lists(faiss, index, xs, list_no, ids, pq_centroids=pq_cent, centroids=cent)
-        if r.get("fast_scan") and gpus is None:
-            index = to_fast_scan(faiss, index)
+        index, quantizer = build_ivf(faiss, "ivfpq", xs, cent, list_no, ids, m=r["m"], nbits=r["nbits"],
+                                     pq_centroids=pq_cent, by_residual=resid,
+                                     fast_scan=bool(r.get("fast_scan")) and gpus is None)
     index.nprobe = min(r["nprobe"], nlist)
     if gpus is not None:
-        gpu_index = gpus.to_gpu(index, gpu, float16_luts=kind == "ivfpq" and r["m"] > 48)
-        gpu_index.nprobe = min(r["nprobe"], nlist)
-        return Handle(gpu_index)
+        return Handle(_to_gpu(kind, index, r, gpus, gpu))
     return Handle(index, cent.cpu(), (quantizer,))
 
 
-def wrap_loaded(faiss: ModuleType, kind: str, index, on_gpu: bool) -> Handle:
-    """A Handle for an index read from disk (CPU IVF: centroids recovered from its quantizer)."""
-    if kind in ("ivf", "ivfpq") and not on_gpu:
+def _to_gpu(kind: str, cpu_index, r: dict, gpus: GpuContext, gpu: int):
+    """A GPU copy of a CPU index, keeping its nprobe (IVF kinds)."""
+    nprobe = cpu_index.nprobe if kind in ("ivf", "ivfpq") else 0
+    index = gpus.to_gpu(cpu_index, gpu, float16_luts=kind == "ivfpq" and r.get("m", 0) > 48)
+    if nprobe:
+        index.nprobe = nprobe
+    return index
+
+
+def load_one(faiss: ModuleType, kind: str, path: str, r: dict, gpus: GpuContext | None, gpu: int) -> Handle:
+    """A Handle for an index read from ``path``: nprobe from r (IVF), copied to GPU gpu when gpus is
+    given, else (CPU IVF) with its centroids recovered from its quantizer."""
+    index = faiss.read_index(path)
+    if kind in ("ivf", "ivfpq"):
+        index.nprobe = min(r["nprobe"], faiss.extract_index_ivf(index).nlist)
+    if gpus is not None:
+        return Handle(_to_gpu(kind, index, r, gpus, gpu))
+    if kind in ("ivf", "ivfpq"):
         ivf = faiss.extract_index_ivf(index)
         q = faiss.downcast_index(ivf.quantizer)
         return Handle(index, torch.from_numpy(q.reconstruct_n(0, q.ntotal).copy()))
@@ -140,22 +150,16 @@ def search_one(faiss: ModuleType, kind: str, handle: Handle, xq: torch.Tensor, k
             params.itopk_size = max(r["itopk_size"], k)
         return gpus.search(index, xq, k, gpu, params)
     x = np.ascontiguousarray(xq.detach().cpu().numpy(), dtype=np.float32)
-    D = np.empty((nq, k), dtype=np.float32)
-    I = np.empty((nq, k), dtype=np.int64)
     if kind in ("ivf", "ivfpq"):
         # Coarse assignment with torch (faster than faiss' bundled BLAS here), then scan.
         cent = handle.centroids
         nprobe = min(r["nprobe"], cent.shape[0])
         score = torch.addmm((cent * cent).sum(1), torch.from_numpy(x), cent.T, alpha=-2.0)
         cd, ci = score.topk(nprobe, dim=1, largest=False)
-        params = faiss.SearchParametersIVF()
-        params.nprobe = nprobe
-        if sel is not None:
-            params.sel = sel
-        ci_np, cd_np = np.ascontiguousarray(ci.numpy()), np.ascontiguousarray(cd.numpy())
-        index.search_preassigned_c(nq, faiss.swig_ptr(x), k, faiss.swig_ptr(ci_np), faiss.swig_ptr(cd_np),
-                                   faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
+        D, I = search_preassigned(faiss, index, x, k, ci, cd, sel)
     else:
+        D = np.empty((nq, k), dtype=np.float32)
+        I = np.empty((nq, k), dtype=np.int64)
         if kind == "hnsw":
             params = faiss.SearchParametersHNSW()
             params.efSearch = max(r["efSearch"], k)

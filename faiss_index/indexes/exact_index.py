@@ -31,6 +31,9 @@ class ExactIndex(BaseIndex):
         self.params = {"chunk": self.chunk}
         self.last_refresh_s = 0.0
 
+    def construct_args(self) -> dict:
+        return {"chunk": self.chunk}
+
     def _search_rows(self, xq, yq, qid, k, same_class):
         vectors, labels, ids = self.store.view()
         bid = ids if qid is not None else None

@@ -10,6 +10,8 @@ import logging
 
 import torch
 
+from .growth import grow_rows, grow_table
+
 LOG = logging.getLogger(__name__)
 
 __all__ = ["DeltaBuffer"]
@@ -50,14 +52,7 @@ class DeltaBuffer:
         """Record fresh values of (unique) store rows; rows already present are overwritten."""
         if rows.numel() == 0:
             return
-        top = int(rows.max()) + 1
-        if top > self.pos.shape[0]:
-            size = self.pos.shape[0]
-            while size < top:
-                size *= 2
-            grown = torch.full((size,), -1, dtype=torch.int64, device=self.device)
-            grown[: self.pos.shape[0]] = self.pos
-            self.pos = grown
+        self.pos = grow_table(self.pos, int(rows.max()))
         slot = self.pos[rows]
         new = slot < 0
         n_new = int(new.sum())
@@ -74,16 +69,8 @@ class DeltaBuffer:
         self.ids[slot] = ids
 
     def _reserve(self, n: int) -> None:
-        cap = self.rows.shape[0]
-        if n <= cap:
-            return
-        while cap < n:
-            cap *= 2
-        for name in ("rows", "vectors", "labels", "ids"):
-            old = getattr(self, name)
-            new = torch.empty((cap, *old.shape[1:]), dtype=old.dtype, device=self.device)
-            new[: self.n] = old[: self.n]
-            setattr(self, name, new)
+        self.rows, self.vectors, self.labels, self.ids = grow_rows(
+            (self.rows, self.vectors, self.labels, self.ids), self.n, n, fills=(None, None, None, None))
 
     def clear(self) -> None:
         self.pos[self.rows[: self.n]] = -1
