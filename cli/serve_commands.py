@@ -88,8 +88,8 @@ def make_app(config: dict, token: str | None):
     checkpoint = config["checkpoint"] or manifest.get("checkpoint")
     embed = None
     if checkpoint is not None:  # the model side (nil, torchvision) is imported only to embed images
-        from nil.errors import NilError
         from faiss_index import sha256_file
+        from nil.errors import NilError
 
         if not Path(checkpoint).is_file():
             raise NilError(f"checkpoint {checkpoint} does not exist" + ("" if config["checkpoint"] else

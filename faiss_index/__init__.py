@@ -25,16 +25,28 @@ rebuilt structures), ``indexes/`` (the index classes and :func:`make_index`), ``
 faiss is imported lazily, so everything exact works without it; using a faiss kind without
 faiss raises :class:`FaissUnavailableError` naming the extra to install.
 """
-from .errors import FaissUnavailableError, IndexFormatError, IndexInputError, IndexWriteError
 from .engines.exact import knn_other_class
-from .indexes.exact_index import ExactIndex
-from .indexes.faiss_index import FaissIndex
-from .indexes.distributed import DistributedIndex, owned_share
-from .indexes.factory import make_index
-from .kinds import KINDS, default_kind
+from .errors import FaissUnavailableError, IndexFormatError, IndexInputError, IndexWriteError
 from .fileio import fsync_dir, sha256_file
-from .persistence import (create_embeddings, index_stats, is_index_dir, keys_by_id, load_index, read_embedding_rows,
-                          read_manifest, save_index, staging_folder, stored_keys, verify_index, write_embedding_rows)
+from .indexes.distributed import DistributedIndex, owned_share
+from .indexes.exact_index import ExactIndex
+from .indexes.factory import make_index
+from .indexes.faiss_index import FaissIndex
+from .kinds import KINDS, default_kind
+from .persistence import (
+                          create_embeddings,
+                          index_stats,
+                          is_index_dir,
+                          keys_by_id,
+                          load_index,
+                          read_embedding_rows,
+                          read_manifest,
+                          save_index,
+                          staging_folder,
+                          stored_keys,
+                          verify_index,
+                          write_embedding_rows,
+)
 from .result import SearchResult
 from .streaming.store import VectorStore
 

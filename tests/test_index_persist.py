@@ -10,8 +10,8 @@ import zarr
 
 import faiss_index.persistence.embeddings as zarr_store
 import faiss_index.persistence.save as persist
-from faiss_index.fileio import sha256_file
 from faiss_index import IndexFormatError, IndexInputError, index_stats, load_index, make_index, save_index
+from faiss_index.fileio import sha256_file
 from faiss_index.synthetic import clustered
 
 CLASSES = ["benign", "malignant", "normal"]

@@ -22,8 +22,8 @@ from PIL import Image
 
 import faiss_index
 from cli.main import main
-from faiss_index.client import Client, ServiceError
 from faiss_index import stored_keys
+from faiss_index.client import Client, ServiceError
 from faiss_index.synthetic import clustered
 
 TOKEN = "serve-test-token"

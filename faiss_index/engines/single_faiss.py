@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .gpu import GpuContext
-from ..quantizers.ivf import build_ivf, ivf_nbytes, search_preassigned
 from ..kinds import GPU_PQ_M, default_nlist
+from ..quantizers.ivf import build_ivf, ivf_nbytes, search_preassigned
 from ..quantizers.kmeans import assign, kmeans, seeded_sample
 from ..quantizers.pq import train_pq
+from .gpu import GpuContext
 
 LOG = logging.getLogger(__name__)
 

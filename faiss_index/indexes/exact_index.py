@@ -5,8 +5,8 @@ import logging
 
 import torch
 
-from .base import BaseIndex
 from ..engines.exact import knn_other_class
+from .base import BaseIndex
 
 LOG = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from .base import BaseIndex
 from ..errors import IndexInputError
 from ..kinds import KINDS
+from .base import BaseIndex
 
 LOG = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from .base import BaseIndex
-from ..streaming.delta import DeltaBuffer
-from ..errors import FaissUnavailableError, IndexFormatError, IndexInputError
 from ..engines.exact import knn_other_class
-from ..kinds import FAISS_KINDS, KINDS, MAX_SHARDED_CLASSES, IndexParams
-from ..streaming.rerank import rerank
 from ..engines.faiss_lib import follow_torch_threads, has_cuvs, import_faiss
+from ..errors import FaissUnavailableError, IndexFormatError, IndexInputError
+from ..kinds import FAISS_KINDS, KINDS, MAX_SHARDED_CLASSES, IndexParams
+from ..streaming.delta import DeltaBuffer
+from ..streaming.rerank import rerank
+from .base import BaseIndex
 
 LOG = logging.getLogger(__name__)
 

@@ -3,8 +3,7 @@
 Only this package knows the folder format (:mod:`.layout`); everything outside it goes through
 these functions.
 """
-from .embeddings import (create_embeddings, keys_by_id, read_embedding_rows, stored_keys,
-                         write_embedding_rows)
+from .embeddings import create_embeddings, keys_by_id, read_embedding_rows, stored_keys, write_embedding_rows
 from .layout import carried_entries, is_index_dir, read_manifest, staging_folder
 from .load import index_stats, load_index
 from .save import save_index

@@ -24,8 +24,16 @@ from ..errors import IndexInputError, IndexWriteError
 from ..fileio import fsync_dir, fsync_tree, sha256_file
 from ..indexes.base import BaseIndex
 from .embeddings import adopt_embeddings, keys_array, write_embeddings
-from .layout import (EMBEDDINGS, FORMAT_VERSION, MANIFEST, MANIFEST_SUM, REQUIRED_KEYS, STRUCTURE, files_under,
-                     is_index_dir)
+from .layout import (
+    EMBEDDINGS,
+    FORMAT_VERSION,
+    MANIFEST,
+    MANIFEST_SUM,
+    REQUIRED_KEYS,
+    STRUCTURE,
+    files_under,
+    is_index_dir,
+)
 
 LOG = logging.getLogger(__name__)
 

@@ -42,8 +42,18 @@ from .auth import TokenCheck, bearer_credentials
 from .checks import RequestChecks, field_error
 from .middleware import AccessLog, BodyLimit
 from .rwlock import RWLock
-from .schema import (Health, IndexInfo, SearchRequest, SearchResponse, SnapshotRequest, SnapshotResponse,
-                     UpsertRequest, UpsertResponse, json_body, parse)
+from .schema import (
+    Health,
+    IndexInfo,
+    SearchRequest,
+    SearchResponse,
+    SnapshotRequest,
+    SnapshotResponse,
+    UpsertRequest,
+    UpsertResponse,
+    json_body,
+    parse,
+)
 from .service import Embedder, IndexService, ServiceLimits
 
 LOG = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from .growth import grow_rows, grow_table
+from .growth import assign_slots, grow_rows, grow_table
 
 LOG = logging.getLogger(__name__)
 
@@ -53,17 +53,12 @@ class DeltaBuffer:
         if rows.numel() == 0:
             return
         self.pos = grow_table(self.pos, int(rows.max()))
-        slot = self.pos[rows]
-        new = slot < 0
-        n_new = int(new.sum())
-        if n_new:
-            self._reserve(self.n + n_new)
-            fresh = torch.arange(self.n, self.n + n_new, device=self.device)
-            slot = slot.clone()
-            slot[new] = fresh
+        slot, new, fresh = assign_slots(self.pos[rows], self.n)
+        if fresh.numel():
+            self._reserve(self.n + fresh.numel())
             self.pos[rows[new]] = fresh
             self.rows[fresh] = rows[new]
-            self.n += n_new
+            self.n += fresh.numel()
         self.vectors[slot] = vectors
         self.labels[slot] = labels
         self.ids[slot] = ids

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engines.gpu import GpuContext
 from ..engines.single_faiss import build_one, index_nbytes, load_one, resolve_kind_params, search_one
 from .structure import Engine
-from ..engines.gpu import GpuContext
 
 LOG = logging.getLogger(__name__)
 

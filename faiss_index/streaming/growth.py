@@ -1,4 +1,4 @@
-"""Geometric growth of the row tensors and row-lookup tables of the store and the delta."""
+"""Slots for new keys, and geometric growth of the row tensors and lookup tables of the store and the delta."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,7 @@ import torch
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["grow_table", "grow_rows"]
+__all__ = ["grow_table", "grow_rows", "assign_slots"]
 
 
 def grow_table(table: torch.Tensor, index: int) -> torch.Tensor:
@@ -42,3 +42,19 @@ def grow_rows(tensors: tuple[torch.Tensor, ...], used: int, n: int,
         new[:used] = old[:used]
         out.append(new)
     return tuple(out)
+
+
+def assign_slots(slots: torch.Tensor, used: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Give keys without a slot the next free ones.
+
+    slots: (B,) int64 slot of each (unique) key, -1 where it has none; used: slots taken so far.
+    Returns the completed slots (B,), the mask (B,) bool of keys that were new, and their fresh
+    slots ``used, used + 1, ...`` in order (empty when none was new).
+    """
+    new = slots < 0
+    n_new = int(new.sum())
+    fresh = torch.arange(used, used + n_new, device=slots.device)
+    if n_new:
+        slots = slots.clone()
+        slots[new] = fresh
+    return slots, new, fresh

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .structure import Engine
 from ..errors import IndexInputError
-from ..quantizers.ivf import build_ivf, ivf_nbytes, search_preassigned
 from ..kinds import default_nlist
+from ..quantizers.ivf import build_ivf, ivf_nbytes, search_preassigned
 from ..quantizers.kmeans import assign, kmeans, seeded_sample
 from ..quantizers.pq import encode_pq, pack_codes, pq_mse, train_pq
+from .structure import Engine
 
 LOG = logging.getLogger(__name__)
 

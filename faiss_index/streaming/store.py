@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from ..errors import IndexInputError
-from .growth import grow_rows, grow_table
 from ..validate import as_ids, as_int, as_labels, as_vectors, check_same_length, resolve_device
+from .growth import assign_slots, grow_rows, grow_table
 
 LOG = logging.getLogger(__name__)
 
@@ -110,16 +110,11 @@ class VectorStore:
         if ids.numel() == 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         ids, vectors, labels = _last_wins(ids, vectors, labels)
-        rows = self._map.lookup(ids)
-        new = rows < 0
-        n_new = int(new.sum())
-        if n_new:
-            self._reserve(self._n + n_new)
-            fresh = torch.arange(self._n, self._n + n_new, device=self.device)
-            rows = rows.clone()
-            rows[new] = fresh
+        rows, new, fresh = assign_slots(self._map.lookup(ids), self._n)
+        if fresh.numel():
+            self._reserve(self._n + fresh.numel())
             self._map.insert(ids[new], fresh)
-            self._n += n_new
+            self._n += fresh.numel()
         self.vectors[rows] = vectors
         self.labels[rows] = labels
         self.ids[rows] = ids
