@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..kinds import GPU_PQ_M, default_nlist
+from ..kinds import GPU_PQ_M, IVF_KINDS, default_nlist
 from ..quantizers.ivf import build_ivf, ivf_nbytes, search_preassigned
 from ..quantizers.kmeans import assign, kmeans, seeded_sample
 from ..quantizers.pq import train_pq
@@ -40,7 +40,7 @@ class Handle:
 def resolve_kind_params(kind: str, n: int, dim: int, p, on_gpu: bool) -> dict:
     """Resolved parameters of one index over n vectors (nlist/nprobe/m/nbits/efSearch/...)."""
     r: dict = {"seed": p.seed}
-    if kind in ("ivf", "ivfpq"):
+    if kind in IVF_KINDS:
         nlist = min(p.nlist, max(n, 1)) if p.nlist is not None else default_nlist(n)
         r.update(nlist=nlist, nprobe=p.nprobe if p.nprobe is not None else max(1, -(-nlist // 16)),
                  niter=p.niter, max_points_per_centroid=p.max_points_per_centroid)
@@ -112,7 +112,7 @@ def build_one(faiss: ModuleType, kind: str, xs: torch.Tensor, r: dict, gpus: Gpu
 
 def _to_gpu(kind: str, cpu_index, r: dict, gpus: GpuContext, gpu: int):
     """A GPU copy of a CPU index, keeping its nprobe (IVF kinds)."""
-    nprobe = cpu_index.nprobe if kind in ("ivf", "ivfpq") else 0
+    nprobe = cpu_index.nprobe if kind in IVF_KINDS else 0
     index = gpus.to_gpu(cpu_index, gpu, float16_luts=kind == "ivfpq" and r.get("m", 0) > 48)
     if nprobe:
         index.nprobe = nprobe
@@ -123,11 +123,11 @@ def load_one(faiss: ModuleType, kind: str, path: str, r: dict, gpus: GpuContext 
     """A Handle for an index read from ``path``: nprobe from r (IVF), copied to GPU gpu when gpus is
     given, else (CPU IVF) with its centroids recovered from its quantizer."""
     index = faiss.read_index(path)
-    if kind in ("ivf", "ivfpq"):
+    if kind in IVF_KINDS:
         index.nprobe = min(r["nprobe"], faiss.extract_index_ivf(index).nlist)
     if gpus is not None:
         return Handle(_to_gpu(kind, index, r, gpus, gpu))
-    if kind in ("ivf", "ivfpq"):
+    if kind in IVF_KINDS:
         ivf = faiss.extract_index_ivf(index)
         q = faiss.downcast_index(ivf.quantizer)
         return Handle(index, torch.from_numpy(q.reconstruct_n(0, q.ntotal).copy()))
@@ -150,7 +150,7 @@ def search_one(faiss: ModuleType, kind: str, handle: Handle, xq: torch.Tensor, k
             params.itopk_size = max(r["itopk_size"], k)
         return gpus.search(index, xq, k, gpu, params)
     x = np.ascontiguousarray(xq.detach().cpu().numpy(), dtype=np.float32)
-    if kind in ("ivf", "ivfpq"):
+    if kind in IVF_KINDS:
         # Coarse assignment with torch (faster than faiss' bundled BLAS here), then scan.
         cent = handle.centroids
         nprobe = min(r["nprobe"], cent.shape[0])
@@ -176,9 +176,9 @@ def index_nbytes(faiss: ModuleType, kind: str, handle: Handle, dim: int, r: dict
     """Approximate bytes of one index."""
     index = handle.index
     n = int(index.ntotal)
-    if kind in ("ivf", "ivfpq") and hasattr(index, "invlists") and index.invlists is not None:
+    if kind in IVF_KINDS and hasattr(index, "invlists") and index.invlists is not None:
         return ivf_nbytes(index)
-    if kind in ("ivf", "ivfpq"):
+    if kind in IVF_KINDS:
         code = dim * 4 if kind == "ivf" else (r["m"] * r["nbits"] + 7) // 8
         return n * (code + 8) + r["nlist"] * dim * 4
     if kind == "hnsw":

@@ -23,7 +23,7 @@ import torch
 from ..engines.exact import knn_other_class
 from ..engines.faiss_lib import follow_torch_threads, has_cuvs, import_faiss
 from ..errors import FaissUnavailableError, IndexFormatError, IndexInputError
-from ..kinds import FAISS_KINDS, KINDS, MAX_SHARDED_CLASSES, IndexParams
+from ..kinds import FAISS_KINDS, IVF_KINDS, KINDS, MAX_SHARDED_CLASSES, IndexParams
 from ..streaming.delta import DeltaBuffer
 from ..streaming.rerank import rerank
 from .base import BaseIndex
@@ -80,7 +80,7 @@ class FaissIndex(BaseIndex):
         if strategy == "global":
             from ..streaming.global_filtered import GlobalFiltered
             self.engine = GlobalFiltered(*args, gpus=gpus)
-        elif not on_gpu and kind in ("ivf", "ivfpq"):
+        elif not on_gpu and kind in IVF_KINDS:
             from ..streaming.partitioned_ivf import PartitionedIVF
             self.engine = PartitionedIVF(*args)
         else:

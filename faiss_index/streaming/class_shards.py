@@ -15,6 +15,7 @@ import torch
 
 from ..engines.gpu import GpuContext
 from ..engines.single_faiss import build_one, index_nbytes, load_one, resolve_kind_params, search_one
+from ..kinds import IVF_KINDS
 from .structure import Engine
 
 LOG = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class ClassShards(Engine):
         exact_kind = self.kind == "flat"
         rerank = p.rerank if p.rerank is not None else (8 if exact_kind else 32)
         r.update(rerank=rerank, probe="per_shard")
-        if self.kind in ("ivf", "ivfpq"):
+        if self.kind in IVF_KINDS:
             r["nlist_per_class"] = [resolve_kind_params(self.kind, n, self.dim, p, self.gpus is not None)["nlist"]
                                     if n else 0 for n in counts]
         if self.gpus is not None:
