@@ -35,7 +35,7 @@ import faiss_index
 from benchmarks.measure import load_average
 from benchmarks.report import envelope, fmt, machine_lines, markdown_table, write_result
 from benchmarks.server import ServeProcess
-from faiss_index.base import BaseIndex
+from faiss_index.indexes.base import BaseIndex
 from faiss_index.synthetic import clustered
 
 LOG = logging.getLogger(__name__)

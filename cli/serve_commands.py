@@ -49,17 +49,18 @@ def index_serve(index_dir, checkpoint, host, port, token, max_batch, max_k, max_
     """
     import uvicorn
 
-    from faiss_index.server import check_bind
+    import faiss_index
+    from faiss_index.service import check_bind
 
     check_bind(host, token)
-    if not Path(index_dir, "manifest.json").is_file():
+    if not faiss_index.is_index_dir(index_dir):
         raise click.ClickException(f"{index_dir} is not an index folder (no manifest.json); build one with "
                                    "`nil index build`.")
     config = {"index_dir": str(Path(index_dir).resolve()), "checkpoint": checkpoint, "device": device,
               "limits": {"max_batch": max_batch, "max_k": max_k, "max_body_bytes": int(max_body_mb * 2**20),
                          "search_threads": search_threads or os.cpu_count() or 1},
               "torch_threads": torch_threads, "writable": workers == 1}
-    server_log = logging.getLogger("faiss_index.server")
+    server_log = logging.getLogger("faiss_index.service")
     if server_log.getEffectiveLevel() > logging.INFO:
         server_log.setLevel(logging.INFO)  # the request lines and the startup line are the service's output
     common = {"host": host, "port": port, "access_log": False, "timeout_graceful_shutdown": 30}
@@ -77,7 +78,7 @@ def make_app(config: dict, token: str | None):
     import torch
 
     import faiss_index
-    from faiss_index.server import ServiceLimits, create_app, stored_keys
+    from faiss_index.service import ServiceLimits, create_app
 
     torch.set_num_threads(config["torch_threads"])  # faiss follows torch's thread count
     device = config["device"]
@@ -87,8 +88,8 @@ def make_app(config: dict, token: str | None):
     checkpoint = config["checkpoint"] or manifest.get("checkpoint")
     embed = None
     if checkpoint is not None:  # the model side (nil, torchvision) is imported only to embed images
+        from faiss_index import sha256_file
         from nil.errors import NilError
-        from nil.indexing import sha256_file
 
         if not Path(checkpoint).is_file():
             raise NilError(f"checkpoint {checkpoint} does not exist" + ("" if config["checkpoint"] else
@@ -99,7 +100,8 @@ def make_app(config: dict, token: str | None):
         if embed.dim != index.dim:
             raise NilError(f"checkpoint {checkpoint} embeds into {embed.dim} dimensions but the index holds "
                            f"{index.dim}-dimensional vectors")
-    return create_app(index, manifest, config["index_dir"], keys=stored_keys(config["index_dir"], len(index)),
+    keys = faiss_index.stored_keys(config["index_dir"], len(index))
+    return create_app(index, manifest, config["index_dir"], keys=keys,
                       embed=embed, token=token, limits=ServiceLimits(**config["limits"]), writable=config["writable"])
 
 
@@ -107,7 +109,7 @@ def app_from_env():
     """uvicorn's factory for each worker process of ``--workers N``."""
     # a spawned worker does not run `main`, which configures logging: the request lines need a handler
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("faiss_index.server").setLevel(logging.INFO)
+    logging.getLogger("faiss_index.service").setLevel(logging.INFO)
     return make_app(json.loads(os.environ[CONFIG_ENV]), os.environ.get("NIL_TOKEN") or None)
 
 

@@ -14,11 +14,12 @@ from .errors import IndexInputError
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["KINDS", "FAISS_KINDS", "STRATEGIES", "IndexParams", "default_nlist",
+__all__ = ["KINDS", "FAISS_KINDS", "IVF_KINDS", "STRATEGIES", "IndexParams", "default_nlist",
            "GPU_PQ_M", "default_kind"]
 
 KINDS = ("exact", "flat", "ivf", "ivfpq", "hnsw", "cagra")
 FAISS_KINDS = KINDS[1:]
+IVF_KINDS = ("ivf", "ivfpq")  # inverted lists over coarse centroids trained in torch
 STRATEGIES = ("auto", "sharded", "global")
 
 # Sub-quantizer counts accepted by faiss' GPU IVF-PQ.

@@ -14,7 +14,8 @@ from .errors import IndexInputError
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["as_vectors", "as_labels", "as_ids", "as_int", "check_k", "check_same_length", "resolve_device"]
+__all__ = ["as_vectors", "as_labels", "as_ids", "as_int", "check_k", "check_same_length", "resolve_device",
+           "as_queries"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -111,3 +112,18 @@ def check_same_length(**arrays: torch.Tensor) -> int:
         desc = ", ".join(f"{n}={v}" for n, v in lengths.items())
         raise IndexInputError(f"mismatched lengths: {desc}.")
     return next(iter(lengths.values()))
+
+
+def as_queries(vectors: Any, labels: Any, query_ids: Any, k: Any, dim: int, num_classes: int,
+               device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The checked arguments of a search: k, vectors (Q, dim) float32, labels (Q,) int64, query_ids (Q,) int64 or None."""
+    k = check_k(k)
+    xq = as_vectors(vectors, dim, device, "query vectors")
+    yq = as_labels(labels, num_classes, device, "query labels")
+    if query_ids is not None:
+        qid = as_ids(query_ids, device, "query_ids")
+        check_same_length(vectors=xq, labels=yq, query_ids=qid)
+    else:
+        qid = None
+        check_same_length(vectors=xq, labels=yq)
+    return k, xq, yq, qid

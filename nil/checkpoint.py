@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from faiss_index.persist import fsync_dir
+from faiss_index.fileio import fsync_dir
 from nil.errors import NilError
 
 

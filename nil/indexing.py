@@ -6,7 +6,6 @@ and hands vectors, labels, sample ids and keys to it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ import zarr
 from PIL import Image, UnidentifiedImageError
 
 import faiss_index
+from faiss_index.fileio import sha256_file
 from nil import distributed
 from nil.data import make_transform
 from nil.errors import NilError
@@ -26,14 +26,6 @@ from nil.predict import predict
 from nil.runtime import resolve_device
 
 LOG = logging.getLogger(__name__)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def embed_split(checkpoint: str | Path, data: str | None = None, split: str = "train", fmt: str | None = None,
@@ -118,26 +110,21 @@ def _build_index_parallel(out, checkpoint, data, kind, split, fmt, batch_size, d
     chunk = max(1, min(65536, -(-n // ctx.world_size)))
     per = -(-(-(-n // ctx.world_size)) // chunk) * chunk  # rows per rank, whole chunks
     lo, hi = min(n, ctx.rank * per), min(n, (ctx.rank + 1) * per)
-    staging = distributed.broadcast_object(faiss_index.persist.staging_folder(out) if ctx.is_main else None)
+    staging = distributed.broadcast_object(faiss_index.staging_folder(out) if ctx.is_main else None)
     try:
         if ctx.is_main:
-            faiss_index.persist.create_embeddings(staging, n, dim, chunk)
+            faiss_index.create_embeddings(staging, n, dim, chunk)
         distributed.barrier()
         if hi > lo:
             part = samples.subset(np.arange(lo, hi))
             loader = make_loader(part, train=False, cfg=cfg, image_size=ckpt["model_spec"]["image_size"],
                                  channels=ds.channels, device=dev, batch_size=batch_size)
             p = predict(model, loader, dev, progress=progress and ctx.is_main, desc=f"embed {split}")
-            group = zarr.open_group(str(Path(staging) / "embeddings.zarr"), mode="r+")
-            group["vectors"][lo:hi] = p.z
-            group["labels"][lo:hi] = p.labels
-            group["ids"][lo:hi] = p.ids
-            group["keys"][lo:hi] = np.array([str(k) for k in part.keys], dtype=object)
+            faiss_index.write_embedding_rows(staging, lo, p.z, p.labels, p.ids, [str(k) for k in part.keys])
         distributed.barrier()
         if ctx.is_main:
-            group = zarr.open_group(str(Path(staging) / "embeddings.zarr"), mode="r")
             index = faiss_index.make_index(kind, dim, len(ds.classes), device=str(dev), **(params or {}))
-            index.upsert(np.asarray(group["ids"][:]), np.asarray(group["vectors"][:]), np.asarray(group["labels"][:]))
+            index.upsert(*faiss_index.read_embedding_rows(staging))
             if hasattr(index, "build"):
                 index.build()
             faiss_index.save_index(index, out, classes=ds.classes, checkpoint_sha256=sha256_file(checkpoint),
@@ -150,11 +137,6 @@ def _build_index_parallel(out, checkpoint, data, kind, split, fmt, batch_size, d
         raise
     distributed.barrier()
     return faiss_index.index_stats(out)
-
-
-def _keys_by_id(index_dir: Path) -> dict[int, str]:
-    group = zarr.open_group(str(index_dir / "embeddings.zarr"), mode="r")
-    return dict(zip(np.asarray(group["ids"][:]).tolist(), (str(k) for k in group["keys"][:])))
 
 
 def embed_image(image_path: str | Path, checkpoint: str | Path, device: torch.device) -> tuple[np.ndarray, int]:
@@ -209,7 +191,7 @@ def query_index(index_dir: str | Path, k: int = 5, *, ids: list[int] | None = No
         vectors, labels = torch.as_tensor(z), torch.tensor([predicted if label is None else label])
         query_ids = None
     res = index.search_other_class(vectors, labels, k, query_ids=query_ids)
-    keys = _keys_by_id(index_dir)
+    keys = faiss_index.keys_by_id(index_dir)
     results = []
     for q in range(len(labels)):
         neighbors = [

@@ -217,12 +217,12 @@ def _start_index(cfg: TrainConfig, ds: Dataset, device: torch.device):
     """The index given by ``--index-from``, checked against this run, or None."""
     if not cfg.index_from:
         return None
-    index, manifest = faiss_index.load_index(cfg.index_from, device=str(device))
+    index, _ = faiss_index.load_index(cfg.index_from, device=str(device))
     if index.dim != cfg.embed_dim or index.num_classes != ds.num_classes:
         raise NilError(f"index {cfg.index_from} holds {index.dim}-d vectors of {index.num_classes} classes; "
                        f"this run has --embed-dim {cfg.embed_dim} and {ds.num_classes} classes")
     if distributed.context().distributed:  # each rank keeps its shard of the loaded index
-        index = faiss_index.owned_share(index, manifest["construct"])
+        index = faiss_index.owned_share(index, index.construct_args())
     return index
 
 

@@ -16,10 +16,15 @@ from nil.config import TrainConfig
 from nil.data import make_transform, open_dataset
 from nil.errors import NilError
 from nil.losses import DistractorLoss
-from nil.mining import (DistractorImages, DistractorMiner, DistractorSource, GradientDistractors,
-                        SearchedDistractors, Step)
-from nil.models import build_model
-from nil.models import ModelOutput
+from nil.mining import (
+    DistractorImages,
+    DistractorMiner,
+    DistractorSource,
+    GradientDistractors,
+    SearchedDistractors,
+    Step,
+)
+from nil.models import ModelOutput, build_model
 from nil.train import make_scheduler, step_loss, train, train_epoch
 
 

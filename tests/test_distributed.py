@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from faiss_index import ExactIndex, knn_other_class
-from faiss_index.distributed import DistributedIndex, merge_topk
+from faiss_index.indexes.distributed import DistributedIndex, merge_topk
 from nil.config import TrainConfig
 from nil.train import train
 

@@ -20,7 +20,7 @@ def data():
 
 def faiss_gpu():
     faiss = pytest.importorskip("faiss")
-    from faiss_index._faiss import gpu_count
+    from faiss_index.engines.faiss_lib import gpu_count
 
     if gpu_count(faiss) == 0:
         pytest.skip("faiss has no GPU support here")

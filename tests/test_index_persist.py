@@ -8,8 +8,10 @@ import pytest
 import torch
 import zarr
 
-import faiss_index.persist as persist
+import faiss_index.persistence.embeddings as zarr_store
+import faiss_index.persistence.save as persist
 from faiss_index import IndexFormatError, IndexInputError, index_stats, load_index, make_index, save_index
+from faiss_index.fileio import sha256_file
 from faiss_index.synthetic import clustered
 
 CLASSES = ["benign", "malignant", "normal"]
@@ -97,7 +99,7 @@ def test_crash_while_writing_keeps_the_previous_index(tmp_path, monkeypatch, whe
         raise OSError("disk full")
 
     if where == "embeddings":  # midway through writing the arrays
-        real = persist._array
+        real = zarr_store._array
         calls = []
 
         def second_array_fails(*a, **k):
@@ -106,7 +108,7 @@ def test_crash_while_writing_keeps_the_previous_index(tmp_path, monkeypatch, whe
                 boom()
             return real(*a, **k)
 
-        monkeypatch.setattr(persist, "_array", second_array_fails)
+        monkeypatch.setattr(zarr_store, "_array", second_array_fails)
     elif where == "manifest":
         monkeypatch.setattr(persist, "_write_json", boom)
     else:  # after the old folder was moved aside, before the new one is in place
@@ -151,7 +153,7 @@ def saved(pristine, tmp_path):
 def write_manifest_text(folder, text):
     """Replace manifest.json and re-seal it, so the checks behind its checksum are exercised."""
     (folder / "manifest.json").write_text(text)
-    (folder / "manifest.sha256").write_text(persist._sha256(folder / "manifest.json"))
+    (folder / "manifest.sha256").write_text(sha256_file(folder / "manifest.json"))
 
 
 def edit_manifest(folder, **changes):

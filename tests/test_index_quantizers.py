@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from faiss_index.kmeans import assign, kmeans, seeded_sample
-from faiss_index.pq import encode_pq, pack_codes, train_pq
+from faiss_index.quantizers.kmeans import assign, kmeans, seeded_sample
+from faiss_index.quantizers.pq import encode_pq, pack_codes, train_pq
 
 
 def test_kmeans_is_seeded_and_finds_separated_clusters():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from faiss_index import IndexInputError, VectorStore
-from faiss_index import store as store_mod
+from faiss_index.streaming import store as store_mod
 
 
 def test_insert_then_overwrite_in_place():

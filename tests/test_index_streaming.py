@@ -174,7 +174,7 @@ def test_other_class_search_matches_a_brute_force_model(kind, ops, refresh_every
 
 
 def test_refresh_reuses_the_codebook_and_re_encodes_changed_rows():
-    from faiss_index.pq import encode_pq, pack_codes
+    from faiss_index.quantizers.pq import encode_pq, pack_codes
 
     x, y = base_data(n=2000, seed=5)
     index = make_index("ivfpq", DIM, 3, refresh_every=0)

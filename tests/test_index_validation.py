@@ -107,7 +107,7 @@ def test_import_without_faiss_in_a_fresh_interpreter():
 
 def test_cpu_only_faiss_with_cuda_names_the_gpu_extra():
     faiss = pytest.importorskip("faiss")
-    from faiss_index._faiss import gpu_count, import_faiss
+    from faiss_index.engines.faiss_lib import gpu_count, import_faiss
 
     if gpu_count(faiss):
         pytest.skip("this faiss has GPU support")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import faiss_index.persist as persist
+import faiss_index.persistence.save as persist
 from faiss_index import IndexFormatError, IndexWriteError, load_index, make_index, save_index, verify_index
 from faiss_index.synthetic import clustered
 

@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 import faiss_index
-from cli.main import main
 from benchmarks.server import ServeProcess
+from cli.main import main
+from faiss_index import stored_keys
 from faiss_index.client import Client, ServiceError
-from faiss_index.server import stored_keys
 from faiss_index.synthetic import clustered
 
 TOKEN = "serve-test-token"
@@ -49,7 +49,7 @@ def _make_checkpoint(path: Path) -> Path:
 
 
 def _build_index(folder: Path, checkpoint: Path | None) -> None:
-    from nil.indexing import sha256_file
+    from faiss_index import sha256_file
 
     extra = {"checkpoint": str(checkpoint)} if checkpoint else {"owner": "lab 3"}
     x, y = clustered(N, DIM, CLASSES, clusters_per_class=10, seed=0)

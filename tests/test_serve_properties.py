@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import faiss_index
-from faiss_index.server import ServiceLimits, create_app
+from faiss_index.service import ServiceLimits, create_app
 
 pytest.importorskip("fastapi.testclient")
 from fastapi.testclient import TestClient  # noqa: E402

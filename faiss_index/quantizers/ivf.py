@@ -1,6 +1,6 @@
 """Construction of faiss IVF indexes from quantizers trained in torch.
 
-Coarse centroids and PQ codebooks come from :mod:`kmeans` / :mod:`pq`; this module writes them
+Coarse centroids and PQ codebooks come from :mod:`.kmeans` / :mod:`.pq`; this module writes them
 into faiss objects and fills the inverted lists directly from a precomputed list assignment, so
 faiss never re-assigns vectors (which is what lets one container hold class-pure lists).
 """
@@ -16,7 +16,7 @@ from .pq import encode_pq, pack_codes
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["new_ivf", "fill_lists", "to_fast_scan", "list_sizes", "ivf_nbytes"]
+__all__ = ["new_ivf", "fill_lists", "build_ivf", "to_fast_scan", "search_preassigned", "list_sizes", "ivf_nbytes"]
 
 
 def new_ivf(faiss: ModuleType, kind: str, centroids: torch.Tensor, *, m: int = 0, nbits: int = 8,
@@ -78,6 +78,45 @@ def fill_lists(faiss: ModuleType, index, vectors: torch.Tensor, list_no: torch.T
                                  faiss.swig_ptr(codes[start:start + cnt]))
             start += cnt
     index.ntotal = len(ids_np)
+
+
+def build_ivf(faiss: ModuleType, kind: str, vectors: torch.Tensor, centroids: torch.Tensor, list_no: torch.Tensor,
+              ids: torch.Tensor, *, m: int = 0, nbits: int = 8, pq_centroids: torch.Tensor | None = None,
+              by_residual: bool = False, codes: np.ndarray | None = None, fast_scan: bool = False):
+    """A filled CPU IVF index over vectors (N, D) float32 assigned to lists list_no (N,) int64 with faiss ids (N,).
+
+    "ivfpq" takes pq_centroids (m, 2**nbits, D // m) and optionally precomputed packed codes;
+    fast_scan repacks a 4-bit IVF-PQ for SIMD scanning. Returns (index, quantizer); keep the
+    quantizer referenced as long as the index lives (a fast-scan index does not need it).
+    """
+    index, quantizer = new_ivf(faiss, kind, centroids, m=m, nbits=nbits, pq_centroids=pq_centroids,
+                               by_residual=by_residual)
+    fill_lists(faiss, index, vectors, list_no, ids, pq_centroids=pq_centroids, centroids=centroids, codes=codes)
+    if fast_scan:
+        index = to_fast_scan(faiss, index)
+    return index, quantizer
+
+
+def search_preassigned(faiss: ModuleType, index, xq: np.ndarray, k: int, list_ids: torch.Tensor,
+                       list_dists: torch.Tensor, sel=None) -> tuple[np.ndarray, np.ndarray]:
+    """Scan the given lists of a CPU IVF index for every query (the coarse step done by the caller).
+
+    xq: (Q, D) float32 C-contiguous; list_ids / list_dists: (Q, nprobe) int64 lists (-1 = none) and
+    their coarse distances; sel: optional faiss IDSelector. Returns D (Q, k) float32 squared
+    distances and I (Q, k) int64 faiss ids, -1 where none.
+    """
+    nq = xq.shape[0]
+    D = np.empty((nq, k), dtype=np.float32)
+    I = np.empty((nq, k), dtype=np.int64)
+    params = faiss.SearchParametersIVF()
+    params.nprobe = list_ids.shape[1]
+    if sel is not None:
+        params.sel = sel
+    ci_np = np.ascontiguousarray(list_ids.numpy())
+    cd_np = np.ascontiguousarray(list_dists.numpy())
+    index.search_preassigned_c(nq, faiss.swig_ptr(xq), k, faiss.swig_ptr(ci_np), faiss.swig_ptr(cd_np),
+                               faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
+    return D, I
 
 
 def to_fast_scan(faiss: ModuleType, ivfpq, bbs: int = 32):

@@ -1,8 +1,9 @@
 """Build and search one faiss index of a given kind over a set of vectors (CPU or one GPU).
 
-Shared by the per-class shards (:mod:`sharded`) and the global label-filtered index
-(:mod:`filtered`). faiss ids are positions 0..n-1 in the given vectors; callers map them to rows.
-Coarse quantizers and PQ codebooks are trained in torch (:mod:`kmeans`, :mod:`pq`) and the IVF
+Shared by the per-class shards (:mod:`faiss_index.streaming.class_shards`) and the global
+label-filtered index (:mod:`faiss_index.streaming.global_filtered`). faiss ids are positions
+0..n-1 in the given vectors; callers map them to rows.
+Coarse quantizers and PQ codebooks are trained in torch (:mod:`faiss_index.quantizers`) and the IVF
 lists filled directly, so the same build runs for CPU and GPU (GPU indexes are copied from CPU).
 """
 from __future__ import annotations
@@ -15,15 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..kinds import GPU_PQ_M, IVF_KINDS, default_nlist
+from ..quantizers.ivf import build_ivf, ivf_nbytes, search_preassigned
+from ..quantizers.kmeans import assign, kmeans, seeded_sample
+from ..quantizers.pq import train_pq
 from .gpu import GpuContext
-from .ivf_build import fill_lists, ivf_nbytes, new_ivf, to_fast_scan
-from .kinds import GPU_PQ_M, default_nlist
-from .kmeans import assign, kmeans, seeded_sample
-from .pq import train_pq
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["Handle", "resolve_kind_params", "build_one", "search_one", "index_nbytes", "wrap_loaded"]
+__all__ = ["Handle", "resolve_kind_params", "build_one", "search_one", "index_nbytes", "load_one"]
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Handle:
 def resolve_kind_params(kind: str, n: int, dim: int, p, on_gpu: bool) -> dict:
     """Resolved parameters of one index over n vectors (nlist/nprobe/m/nbits/efSearch/...)."""
     r: dict = {"seed": p.seed}
-    if kind in ("ivf", "ivfpq"):
+    if kind in IVF_KINDS:
         nlist = min(p.nlist, max(n, 1)) if p.nlist is not None else default_nlist(n)
         r.update(nlist=nlist, nprobe=p.nprobe if p.nprobe is not None else max(1, -(-nlist // 16)),
                  niter=p.niter, max_points_per_centroid=p.max_points_per_centroid)
@@ -94,29 +95,39 @@ def build_one(faiss: ModuleType, kind: str, xs: torch.Tensor, r: dict, gpus: Gpu
     list_no, _ = assign(xs, cent)
     ids = torch.arange(n, dtype=torch.int64)
     if kind == "ivf":
-        index, quantizer = new_ivf(faiss, "ivf", cent)
-        fill_lists(faiss, index, xs, list_no, ids)
+        index, quantizer = build_ivf(faiss, "ivf", xs, cent, list_no, ids)
     else:
         resid = r["by_residual"]
         pts = xs[seeded_sample(n, 16384, seed + 1, xs.device)]
         train_x = pts - cent[assign(pts, cent)[0]] if resid else pts
         pq_cent = train_pq(train_x, r["m"], r["nbits"], seed=seed)
-        index, quantizer = new_ivf(faiss, "ivfpq", cent, m=r["m"], nbits=r["nbits"], pq_centroids=pq_cent,
-                                   by_residual=resid)
-        fill_lists(faiss, index, xs, list_no, ids, pq_centroids=pq_cent, centroids=cent)
-        if r.get("fast_scan") and gpus is None:
-            index = to_fast_scan(faiss, index)
+        index, quantizer = build_ivf(faiss, "ivfpq", xs, cent, list_no, ids, m=r["m"], nbits=r["nbits"],
+                                     pq_centroids=pq_cent, by_residual=resid,
+                                     fast_scan=bool(r.get("fast_scan")) and gpus is None)
     index.nprobe = min(r["nprobe"], nlist)
     if gpus is not None:
-        gpu_index = gpus.to_gpu(index, gpu, float16_luts=kind == "ivfpq" and r["m"] > 48)
-        gpu_index.nprobe = min(r["nprobe"], nlist)
-        return Handle(gpu_index)
+        return Handle(_to_gpu(kind, index, r, gpus, gpu))
     return Handle(index, cent.cpu(), (quantizer,))
 
 
-def wrap_loaded(faiss: ModuleType, kind: str, index, on_gpu: bool) -> Handle:
-    """A Handle for an index read from disk (CPU IVF: centroids recovered from its quantizer)."""
-    if kind in ("ivf", "ivfpq") and not on_gpu:
+def _to_gpu(kind: str, cpu_index, r: dict, gpus: GpuContext, gpu: int):
+    """A GPU copy of a CPU index, keeping its nprobe (IVF kinds)."""
+    nprobe = cpu_index.nprobe if kind in IVF_KINDS else 0
+    index = gpus.to_gpu(cpu_index, gpu, float16_luts=kind == "ivfpq" and r.get("m", 0) > 48)
+    if nprobe:
+        index.nprobe = nprobe
+    return index
+
+
+def load_one(faiss: ModuleType, kind: str, path: str, r: dict, gpus: GpuContext | None, gpu: int) -> Handle:
+    """A Handle for an index read from ``path``: nprobe from r (IVF), copied to GPU gpu when gpus is
+    given, else (CPU IVF) with its centroids recovered from its quantizer."""
+    index = faiss.read_index(path)
+    if kind in IVF_KINDS:
+        index.nprobe = min(r["nprobe"], faiss.extract_index_ivf(index).nlist)
+    if gpus is not None:
+        return Handle(_to_gpu(kind, index, r, gpus, gpu))
+    if kind in IVF_KINDS:
         ivf = faiss.extract_index_ivf(index)
         q = faiss.downcast_index(ivf.quantizer)
         return Handle(index, torch.from_numpy(q.reconstruct_n(0, q.ntotal).copy()))
@@ -139,22 +150,16 @@ def search_one(faiss: ModuleType, kind: str, handle: Handle, xq: torch.Tensor, k
             params.itopk_size = max(r["itopk_size"], k)
         return gpus.search(index, xq, k, gpu, params)
     x = np.ascontiguousarray(xq.detach().cpu().numpy(), dtype=np.float32)
-    D = np.empty((nq, k), dtype=np.float32)
-    I = np.empty((nq, k), dtype=np.int64)
-    if kind in ("ivf", "ivfpq"):
+    if kind in IVF_KINDS:
         # Coarse assignment with torch (faster than faiss' bundled BLAS here), then scan.
         cent = handle.centroids
         nprobe = min(r["nprobe"], cent.shape[0])
         score = torch.addmm((cent * cent).sum(1), torch.from_numpy(x), cent.T, alpha=-2.0)
         cd, ci = score.topk(nprobe, dim=1, largest=False)
-        params = faiss.SearchParametersIVF()
-        params.nprobe = nprobe
-        if sel is not None:
-            params.sel = sel
-        ci_np, cd_np = np.ascontiguousarray(ci.numpy()), np.ascontiguousarray(cd.numpy())
-        index.search_preassigned_c(nq, faiss.swig_ptr(x), k, faiss.swig_ptr(ci_np), faiss.swig_ptr(cd_np),
-                                   faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
+        D, I = search_preassigned(faiss, index, x, k, ci, cd, sel)
     else:
+        D = np.empty((nq, k), dtype=np.float32)
+        I = np.empty((nq, k), dtype=np.int64)
         if kind == "hnsw":
             params = faiss.SearchParametersHNSW()
             params.efSearch = max(r["efSearch"], k)
@@ -171,9 +176,9 @@ def index_nbytes(faiss: ModuleType, kind: str, handle: Handle, dim: int, r: dict
     """Approximate bytes of one index."""
     index = handle.index
     n = int(index.ntotal)
-    if kind in ("ivf", "ivfpq") and hasattr(index, "invlists") and index.invlists is not None:
+    if kind in IVF_KINDS and hasattr(index, "invlists") and index.invlists is not None:
         return ivf_nbytes(index)
-    if kind in ("ivf", "ivfpq"):
+    if kind in IVF_KINDS:
         code = dim * 4 if kind == "ivf" else (r["m"] * r["nbits"] + 7) // 8
         return n * (code + 8) + r["nlist"] * dim * 4
     if kind == "hnsw":

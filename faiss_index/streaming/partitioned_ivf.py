@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine import Engine
-from .errors import IndexInputError
-from .ivf_build import fill_lists, ivf_nbytes, new_ivf, to_fast_scan
-from .kinds import default_nlist
-from .kmeans import assign, kmeans, seeded_sample
-from .pq import encode_pq, pack_codes, pq_mse, train_pq
+from ..errors import IndexInputError
+from ..kinds import default_nlist
+from ..quantizers.ivf import build_ivf, ivf_nbytes, search_preassigned
+from ..quantizers.kmeans import assign, kmeans, seeded_sample
+from ..quantizers.pq import encode_pq, pack_codes, pq_mse, train_pq
+from .structure import Engine
 
 LOG = logging.getLogger(__name__)
 
@@ -118,15 +118,12 @@ class PartitionedIVF(Engine):
         self.list_size = torch.bincount(list_no, minlength=offset)
         ids = torch.arange(labels.shape[0], dtype=torch.int64)
         if self.kind == "ivf":
-            index, quantizer = new_ivf(faiss, "ivf", self.centroids)
-            fill_lists(faiss, index, vectors, list_no, ids)
+            index, quantizer = build_ivf(faiss, "ivf", vectors, self.centroids, list_no, ids)
         else:
             pq_cent, codes = self._codes_for(vectors, changed)
-            index, quantizer = new_ivf(faiss, "ivfpq", self.centroids, m=r["m"], nbits=r["nbits"],
-                                       pq_centroids=pq_cent, by_residual=False)
-            fill_lists(faiss, index, vectors, list_no, ids, codes=codes)
-            if r["nbits"] == 4:
-                index = to_fast_scan(faiss, index)
+            index, quantizer = build_ivf(faiss, "ivfpq", vectors, self.centroids, list_no, ids, m=r["m"],
+                                         nbits=r["nbits"], pq_centroids=pq_cent, codes=codes,
+                                         fast_scan=r["nbits"] == 4)
         self.index, self._quantizer = index, quantizer
         self._c_sq = (self.centroids * self.centroids).sum(1)
         self.ntotal = int(labels.shape[0])
@@ -182,17 +179,7 @@ class PartitionedIVF(Engine):
         cd, ci = score.topk(nprobe, dim=1, largest=False, sorted=True)
         ci = torch.where(torch.isfinite(cd), ci, torch.full_like(ci, -1))
         cd = cd.masked_fill(~torch.isfinite(cd), 0.0)
-        faiss = self.faiss
-        D = np.empty((nq, kp), dtype=np.float32)
-        I = np.empty((nq, kp), dtype=np.int64)
-        params = faiss.SearchParametersIVF()
-        params.nprobe = nprobe
-        xq_np = xq.numpy()
-        ci_np = np.ascontiguousarray(ci.numpy())
-        cd_np = np.ascontiguousarray(cd.numpy())
-        self.index.search_preassigned_c(nq, faiss.swig_ptr(xq_np), kp, faiss.swig_ptr(ci_np),
-                                        faiss.swig_ptr(cd_np), faiss.swig_ptr(D), faiss.swig_ptr(I), False,
-                                        params)
+        D, I = search_preassigned(self.faiss, self.index, xq.numpy(), kp, ci, cd)
         return torch.from_numpy(D).to(self.device), torch.from_numpy(I).to(self.device)
 
     # ------------------------------------------------------------------ size and persistence

@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
+from ..errors import IndexInputError
+from ..kinds import KINDS
 from .base import BaseIndex
-from .errors import IndexInputError
-from .kinds import KINDS
 
 LOG = logging.getLogger(__name__)
 
@@ -31,6 +31,6 @@ def make_index(kind: str, dim: int, num_classes: int, device: str | torch.device
         return ExactIndex(dim, num_classes, device, **params)
     if kind not in KINDS:
         raise IndexInputError(f"unknown index kind {kind!r}; kinds are {', '.join(KINDS)}.")
-    from .approx_index import FaissIndex
+    from .faiss_index import FaissIndex
 
     return FaissIndex(dim, num_classes, kind=kind, device=device, **params)

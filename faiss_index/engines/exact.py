@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import IndexInputError
+from ..errors import IndexInputError
 
 LOG = logging.getLogger(__name__)
 

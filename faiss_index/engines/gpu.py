@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-from ._faiss import gpu_count
+from .faiss_lib import gpu_count
 
 LOG = logging.getLogger(__name__)
 

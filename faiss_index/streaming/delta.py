@@ -10,6 +10,8 @@ import logging
 
 import torch
 
+from .growth import assign_slots, grow_rows, grow_table
+
 LOG = logging.getLogger(__name__)
 
 __all__ = ["DeltaBuffer"]
@@ -50,40 +52,20 @@ class DeltaBuffer:
         """Record fresh values of (unique) store rows; rows already present are overwritten."""
         if rows.numel() == 0:
             return
-        top = int(rows.max()) + 1
-        if top > self.pos.shape[0]:
-            size = self.pos.shape[0]
-            while size < top:
-                size *= 2
-            grown = torch.full((size,), -1, dtype=torch.int64, device=self.device)
-            grown[: self.pos.shape[0]] = self.pos
-            self.pos = grown
-        slot = self.pos[rows]
-        new = slot < 0
-        n_new = int(new.sum())
-        if n_new:
-            self._reserve(self.n + n_new)
-            fresh = torch.arange(self.n, self.n + n_new, device=self.device)
-            slot = slot.clone()
-            slot[new] = fresh
+        self.pos = grow_table(self.pos, int(rows.max()))
+        slot, new, fresh = assign_slots(self.pos[rows], self.n)
+        if fresh.numel():
+            self._reserve(self.n + fresh.numel())
             self.pos[rows[new]] = fresh
             self.rows[fresh] = rows[new]
-            self.n += n_new
+            self.n += fresh.numel()
         self.vectors[slot] = vectors
         self.labels[slot] = labels
         self.ids[slot] = ids
 
     def _reserve(self, n: int) -> None:
-        cap = self.rows.shape[0]
-        if n <= cap:
-            return
-        while cap < n:
-            cap *= 2
-        for name in ("rows", "vectors", "labels", "ids"):
-            old = getattr(self, name)
-            new = torch.empty((cap, *old.shape[1:]), dtype=old.dtype, device=self.device)
-            new[: self.n] = old[: self.n]
-            setattr(self, name, new)
+        self.rows, self.vectors, self.labels, self.ids = grow_rows(
+            (self.rows, self.vectors, self.labels, self.ids), self.n, n, fills=(None, None, None, None))
 
     def clear(self) -> None:
         self.pos[self.rows[: self.n]] = -1

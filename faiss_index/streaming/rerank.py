@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from .exact import pairwise_distances
+from ..engines.exact import pairwise_distances
 
 LOG = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from types import ModuleType
 
 import torch
 
-from .errors import FaissUnavailableError
+from ..errors import FaissUnavailableError
 
 LOG = logging.getLogger(__name__)
 

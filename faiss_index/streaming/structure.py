@@ -13,7 +13,7 @@ from types import ModuleType
 
 import torch
 
-from .kinds import IndexParams
+from ..kinds import IndexParams
 
 LOG = logging.getLogger(__name__)
 

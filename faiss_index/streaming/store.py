@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from .errors import IndexInputError
-from .validate import as_ids, as_int, as_labels, as_vectors, check_same_length, resolve_device
+from ..errors import IndexInputError
+from ..validate import as_ids, as_int, as_labels, as_vectors, check_same_length, resolve_device
+from .growth import assign_slots, grow_rows, grow_table
 
 LOG = logging.getLogger(__name__)
 
@@ -48,13 +49,8 @@ class _IdMap:
             top = int(ids.max())
             if top >= DENSE_ID_LIMIT:
                 self._to_dict()
-            elif top >= self.table.shape[0]:
-                size = self.table.shape[0]
-                while size <= top:
-                    size *= 2
-                grown = torch.full((size,), -1, dtype=torch.int64, device=self.device)
-                grown[: self.table.shape[0]] = self.table
-                self.table = grown
+            else:
+                self.table = grow_table(self.table, top)
         if self.table is not None:
             self.table[ids] = rows
         else:
@@ -93,16 +89,8 @@ class VectorStore:
         return self.vectors.shape[0]
 
     def _reserve(self, n: int) -> None:
-        cap = self.capacity
-        if n <= cap:
-            return
-        while cap < n:
-            cap *= 2
-        for name, fill in (("vectors", 0.0), ("labels", -1), ("ids", -1)):
-            old = getattr(self, name)
-            new = torch.full((cap, *old.shape[1:]), fill, dtype=old.dtype, device=self.device)
-            new[: self._n] = old[: self._n]
-            setattr(self, name, new)
+        self.vectors, self.labels, self.ids = grow_rows((self.vectors, self.labels, self.ids), self._n, n,
+                                                        fills=(0.0, -1, -1))
 
     def rows_of(self, ids: Any) -> torch.Tensor:
         """ids: (B,) int -> (B,) int64 rows, -1 for ids not stored."""
@@ -122,16 +110,11 @@ class VectorStore:
         if ids.numel() == 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         ids, vectors, labels = _last_wins(ids, vectors, labels)
-        rows = self._map.lookup(ids)
-        new = rows < 0
-        n_new = int(new.sum())
-        if n_new:
-            self._reserve(self._n + n_new)
-            fresh = torch.arange(self._n, self._n + n_new, device=self.device)
-            rows = rows.clone()
-            rows[new] = fresh
+        rows, new, fresh = assign_slots(self._map.lookup(ids), self._n)
+        if fresh.numel():
+            self._reserve(self._n + fresh.numel())
             self._map.insert(ids[new], fresh)
-            self._n += n_new
+            self._n += fresh.numel()
         self.vectors[rows] = vectors
         self.labels[rows] = labels
         self.ids[rows] = ids

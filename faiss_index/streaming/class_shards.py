@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .builders import build_one, index_nbytes, resolve_kind_params, search_one, wrap_loaded
-from .engine import Engine
-from .gpu import GpuContext
+from ..engines.gpu import GpuContext
+from ..engines.single_faiss import build_one, index_nbytes, load_one, resolve_kind_params, search_one
+from ..kinds import IVF_KINDS
+from .structure import Engine
 
 LOG = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class ClassShards(Engine):
         exact_kind = self.kind == "flat"
         rerank = p.rerank if p.rerank is not None else (8 if exact_kind else 32)
         r.update(rerank=rerank, probe="per_shard")
-        if self.kind in ("ivf", "ivfpq"):
+        if self.kind in IVF_KINDS:
             r["nlist_per_class"] = [resolve_kind_params(self.kind, n, self.dim, p, self.gpus is not None)["nlist"]
                                     if n else 0 for n in counts]
         if self.gpus is not None:
@@ -102,20 +103,12 @@ class ClassShards(Engine):
         counts = [0] * self.num_classes
         for c in meta["classes"]:
             name = f"shard_{c:05d}"
-            index = self.faiss.read_index(str(folder / f"{name}.faiss"))
             rows = torch.from_numpy(np.load(folder / f"{name}.rows.npy"))
             counts[c] = rows.shape[0]
             r = resolve_kind_params(self.kind, rows.shape[0], self.dim, self.params, self.gpus is not None)
-            gpu = -1
-            if self.kind in ("ivf", "ivfpq"):
-                index.nprobe = min(r["nprobe"], self.faiss.extract_index_ivf(index).nlist)
-            if self.gpus is not None:
-                gpu = self.gpus.place(len(shards))
-                nprobe = index.nprobe if self.kind in ("ivf", "ivfpq") else 0
-                index = self.gpus.to_gpu(index, gpu, float16_luts=self.kind == "ivfpq" and r.get("m", 0) > 48)
-                if nprobe:
-                    index.nprobe = nprobe
-            shards[c] = (wrap_loaded(self.faiss, self.kind, index, self.gpus is not None), rows.to(self.device), gpu, r)
+            gpu = self.gpus.place(len(shards)) if self.gpus is not None else -1
+            index = load_one(self.faiss, self.kind, str(folder / f"{name}.faiss"), r, self.gpus, gpu)
+            shards[c] = (index, rows.to(self.device), gpu, r)
         self._resolve(counts)
         self.shards = shards
         self.ntotal = int(meta["ntotal"])

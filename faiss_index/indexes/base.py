@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import IndexInputError
-from .result import SearchResult, make_result
-from .store import VectorStore
-from .validate import as_ids, as_labels, as_vectors, check_k, check_same_length, resolve_device
+from ..errors import IndexInputError
+from ..result import SearchResult, make_result
+from ..streaming.store import VectorStore
+from ..validate import as_queries, resolve_device
 
 LOG = logging.getLogger(__name__)
 
@@ -81,15 +82,7 @@ class BaseIndex(ABC):
         return self._search(vectors, labels, k, query_ids, return_vectors, same_class=True)
 
     def _search(self, vectors, labels, k, query_ids, return_vectors, same_class) -> SearchResult:
-        k = check_k(k)
-        xq = as_vectors(vectors, self.dim, self.device, "query vectors")
-        yq = as_labels(labels, self.num_classes, self.device, "query labels")
-        if query_ids is not None:
-            qid = as_ids(query_ids, self.device, "query_ids")
-            check_same_length(vectors=xq, labels=yq, query_ids=qid)
-        else:
-            qid = None
-            check_same_length(vectors=xq, labels=yq)
+        k, xq, yq, qid = as_queries(vectors, labels, query_ids, k, self.dim, self.num_classes, self.device)
         dist, rows = self._search_rows(xq, yq, qid, k, same_class)
         s = self.store  # full-capacity tensors: row 0 exists even when the store is empty
         return make_result(rows, dist, s.vectors, s.labels, s.ids, return_vectors)
@@ -98,6 +91,34 @@ class BaseIndex(ABC):
     def _search_rows(self, xq: torch.Tensor, yq: torch.Tensor, qid: torch.Tensor | None, k: int,
                      same_class: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated (Q, D) queries -> distances (Q, k) float32 and store rows (Q, k) int64 (-1)."""
+
+    # ------------------------------------------------------------------ state (what a saved folder holds)
+    def construct_args(self) -> dict:
+        """The keyword arguments of :func:`make_index` (besides kind, dim, num_classes, device) that remake this index."""
+        return {}
+
+    def state(self) -> dict:
+        """What a saved folder records about this index besides its rows and structure files (JSON-ready).
+
+        kind, strategy (None for exact search), params (resolved), construct (:meth:`construct_args`),
+        steps_since_refresh (upserts since the structure was built).
+        """
+        return {"kind": self.kind, "strategy": None, "params": self.params, "construct": self.construct_args(),
+                "steps_since_refresh": 0}
+
+    def delta_rows(self) -> torch.Tensor:
+        """(M,) int64 store rows written since the approximate structure was built (none for exact search)."""
+        return torch.empty(0, dtype=torch.int64)
+
+    def save_structure(self, folder: Path) -> dict:
+        """Write the approximate structure's files into folder; return what loading them needs."""
+        return {"files": []}
+
+    def load_state(self, vectors: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, *, structure: dict,
+                   folder: Path, delta_rows: torch.Tensor, steps_since_refresh: int) -> None:
+        """Refill an index made from a saved ``state()["construct"]``: rows (N, D) / (N,) / (N,) in store
+        order, the :meth:`save_structure` entry and its folder, and the saved :meth:`delta_rows`."""
+        self.store.load_rows(vectors, labels, ids)
 
     # ------------------------------------------------------------------ maintenance
     def refresh(self) -> None:

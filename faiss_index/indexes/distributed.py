@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .exact import knn_other_class
-from .result import SearchResult, make_result
-from .validate import as_ids, as_labels, as_vectors, check_k, check_same_length
+from ..engines.exact import knn_other_class
+from ..result import SearchResult, make_result
+from ..validate import as_ids, as_labels, as_queries, as_vectors, check_same_length
 
 LOG = logging.getLogger(__name__)
 
@@ -190,15 +190,9 @@ class DistributedIndex:
         return search(xq, yq, k, query_ids=qid, return_vectors=return_vectors)
 
     def _search(self, vectors, labels, k, query_ids, return_vectors, same_class, local_search=None) -> SearchResult:
-        k = check_k(k)
-        x = as_vectors(vectors, self.dim, self.device, "query vectors")
-        y = as_labels(labels, self.num_classes, self.device, "query labels")
-        if query_ids is not None:
-            i = as_ids(query_ids, self.device, "query_ids")
-            check_same_length(vectors=x, labels=y, query_ids=i)
-        else:
+        k, x, y, i = as_queries(vectors, labels, query_ids, k, self.dim, self.num_classes, self.device)
+        if i is None:  # -1: no id, for the collectives, which carry ids as int64
             i = torch.full((x.shape[0],), -1, dtype=torch.int64, device=self.device)
-            check_same_length(vectors=x, labels=y)
         x_all, y_all, i_all, counts = self._gather(x, y, i)
         self._last = ((x, y, i), (x_all, y_all, i_all))
         has_ids = bool((i_all >= 0).any())

@@ -5,8 +5,8 @@ import logging
 
 import torch
 
+from ..engines.exact import knn_other_class
 from .base import BaseIndex
-from .exact import knn_other_class
 
 LOG = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ class ExactIndex(BaseIndex):
         self.chunk = int(chunk)
         self.params = {"chunk": self.chunk}
         self.last_refresh_s = 0.0
+
+    def construct_args(self) -> dict:
+        return {"chunk": self.chunk}
 
     def _search_rows(self, xq, yq, qid, k, same_class):
         vectors, labels, ids = self.store.view()

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .builders import build_one, index_nbytes, resolve_kind_params, search_one, wrap_loaded
-from .engine import Engine
-from .gpu import GpuContext
+from ..engines.gpu import GpuContext
+from ..engines.single_faiss import build_one, index_nbytes, load_one, resolve_kind_params, search_one
+from .structure import Engine
 
 LOG = logging.getLogger(__name__)
 
@@ -124,18 +124,9 @@ class GlobalFiltered(Engine):
         if not meta["files"]:
             self.index, self.built, self.ntotal = None, False, 0
             return
-        index = self.faiss.read_index(str(folder / "global.faiss"))
         self.labels = torch.from_numpy(np.load(folder / "global.labels.npy"))
         self._resolve(int(self.labels.shape[0]))
-        self._gpu = -1
-        if self.kind in ("ivf", "ivfpq"):
-            index.nprobe = min(self.resolved["nprobe"], self.faiss.extract_index_ivf(index).nlist)
-        if self.gpus is not None:
-            self._gpu = self.gpus.place(0)
-            nprobe = index.nprobe if self.kind in ("ivf", "ivfpq") else 0
-            index = self.gpus.to_gpu(index, self._gpu, float16_luts=self.kind == "ivfpq" and self.resolved.get("m", 0) > 48)
-            if nprobe:
-                index.nprobe = nprobe
-        self.index = wrap_loaded(self.faiss, self.kind, index, self.gpus is not None)
+        self._gpu = self.gpus.place(0) if self.gpus is not None else -1
+        self.index = load_one(self.faiss, self.kind, str(folder / "global.faiss"), self.resolved, self.gpus, self._gpu)
         self.ntotal = int(meta["ntotal"])
         self.built = True

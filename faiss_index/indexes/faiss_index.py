@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..engines.exact import knn_other_class
+from ..engines.faiss_lib import follow_torch_threads, has_cuvs, import_faiss
+from ..errors import FaissUnavailableError, IndexFormatError, IndexInputError
+from ..kinds import FAISS_KINDS, IVF_KINDS, KINDS, MAX_SHARDED_CLASSES, IndexParams
+from ..streaming.delta import DeltaBuffer
+from ..streaming.rerank import rerank
 from .base import BaseIndex
-from .delta import DeltaBuffer
-from .errors import FaissUnavailableError, IndexInputError
-from .exact import knn_other_class
-from .kinds import FAISS_KINDS, KINDS, MAX_SHARDED_CLASSES, IndexParams
-from .rerank import rerank
-from ._faiss import follow_torch_threads, has_cuvs, import_faiss
 
 LOG = logging.getLogger(__name__)
 
@@ -72,18 +73,18 @@ class FaissIndex(BaseIndex):
         self.strategy = strategy
         gpus = None
         if on_gpu:
-            from .gpu import GpuContext
+            from ..engines.gpu import GpuContext
             spread = p.multi_gpu and raw_device == "cuda"
             gpus = GpuContext(faiss, self.device, spread)
         args = (faiss, kind, dim, num_classes, self.device, p)
         if strategy == "global":
-            from .filtered import GlobalFiltered
+            from ..streaming.global_filtered import GlobalFiltered
             self.engine = GlobalFiltered(*args, gpus=gpus)
-        elif not on_gpu and kind in ("ivf", "ivfpq"):
-            from .partitioned import PartitionedIVF
+        elif not on_gpu and kind in IVF_KINDS:
+            from ..streaming.partitioned_ivf import PartitionedIVF
             self.engine = PartitionedIVF(*args)
         else:
-            from .sharded import ClassShards
+            from ..streaming.class_shards import ClassShards
             self.engine = ClassShards(*args, gpus=gpus)
         self._user_params = p
         self.delta = DeltaBuffer(dim, self.device)
@@ -101,9 +102,6 @@ class FaissIndex(BaseIndex):
         """Rows changed since the last build, searched exactly."""
         return len(self.delta)
 
-    def _delta_rows(self) -> torch.Tensor:
-        return self.delta.view()[0]
-
     def upsert(self, ids: Any, vectors: Any, labels: Any) -> torch.Tensor:
         """Write samples to the store and the exact delta; refresh every ``refresh_every`` calls.
 
@@ -117,13 +115,43 @@ class FaissIndex(BaseIndex):
             self.refresh()
         return rows
 
-    def _restore_delta(self, rows: torch.Tensor, steps: int) -> None:
-        """Mark rows (changed since the saved structure was built) dirty again after a load."""
-        rows = rows.to(self.device, torch.int64)
+    # ------------------------------------------------------------------ state
+    def construct_args(self) -> dict:
+        return {**self._user_params.as_dict(), "refresh_every": self.refresh_every}
+
+    def state(self) -> dict:
+        return {**super().state(), "strategy": self.strategy, "steps_since_refresh": self._steps}
+
+    def delta_rows(self) -> torch.Tensor:
+        return self.delta.view()[0]
+
+    def save_structure(self, folder: Path) -> dict:
+        return {**self.engine.save(folder), "type": type(self.engine).__name__, "resolved": self.engine.resolved}
+
+    def load_state(self, vectors, labels, ids, *, structure, folder, delta_rows, steps_since_refresh) -> None:
+        super().load_state(vectors, labels, ids, structure=structure, folder=folder, delta_rows=delta_rows,
+                           steps_since_refresh=steps_since_refresh)
+        engine, n = self.engine, len(self.store)
+        if structure.get("type") != type(engine).__name__:
+            # Saved on another device (e.g. GPU shards, read on CPU): rebuild from the stored vectors.
+            LOG.info("index in %s was saved with a %s structure; rebuilding it as %s for %s", folder.parent,
+                     structure.get("type"), type(engine).__name__, self.device)
+            if n:
+                self.refresh()
+            return
+        try:
+            engine.load(folder, structure)
+        except (KeyError, RuntimeError, ValueError, OSError) as e:
+            raise IndexFormatError(f"the faiss structure in {folder} cannot be loaded ({e}).") from e
+        if engine.built and engine.ntotal > n:
+            raise IndexFormatError(f"the faiss structure holds {engine.ntotal} rows but only {n} are stored.")
+        engine.resolved = dict(structure.get("resolved", engine.resolved))
+        # Rows changed since the saved structure was built are dirty again.
+        rows = delta_rows.to(self.device, torch.int64)
         self.delta.clear()
         s = self.store
         self.delta.write(rows, s.vectors[rows], s.labels[rows], s.ids[rows])
-        self._steps = int(steps)
+        self._steps = int(steps_since_refresh)
         self._update_params()
 
     def refresh(self) -> None:

@@ -1,0 +1,1 @@
+"""Quantizers trained in torch: k-means, product quantization, and IVF indexes filled from them."""
