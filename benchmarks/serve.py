@@ -72,7 +72,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def build_index(cfg: ServeBench, folder: Path) -> tuple[BaseIndex, torch.Tensor, dict]:
     """Build and save the benchmark's index; return it (for the parity check), its vectors and build facts."""
-    kind = faiss_index.default_kind("cpu") if cfg.kind == "auto" else cfg.kind
+    kind = faiss_index.resolve_kind(cfg.kind, "cpu")
     t0 = time.perf_counter()
     x, y = clustered(cfg.n, cfg.dim, cfg.classes, seed=cfg.seed)
     index = faiss_index.make_index(kind, cfg.dim, cfg.classes)

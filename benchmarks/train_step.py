@@ -113,8 +113,7 @@ class _TimedBatches:
 def resolve_kinds(kinds: tuple[str, ...] | None, device: torch.device) -> tuple[str, ...]:
     """The kinds to time for --ann faiss: "auto" (and None) become the trainer's resolution for the device."""
     kinds = kinds or (TrainConfig.ann_index,)
-    auto = faiss_index.default_kind(str(device))
-    return tuple(dict.fromkeys(auto if k == "auto" else k for k in kinds))
+    return tuple(dict.fromkeys(faiss_index.resolve_kind(k, str(device)) for k in kinds))
 
 
 def run_train_bench(cfg: TrainBench, command: str | None = None) -> dict:

@@ -15,7 +15,7 @@ from .errors import IndexInputError
 LOG = logging.getLogger(__name__)
 
 __all__ = ["KINDS", "FAISS_KINDS", "IVF_KINDS", "STRATEGIES", "IndexParams", "default_nlist",
-           "GPU_PQ_M", "default_kind"]
+           "GPU_PQ_M", "default_kind", "resolve_kind"]
 
 KINDS = ("exact", "flat", "ivf", "ivfpq", "hnsw", "cagra")
 FAISS_KINDS = KINDS[1:]
@@ -37,6 +37,11 @@ def default_kind(device: str = "cpu") -> str:
     search only pays off far beyond that (see benchmarks/probe_mining.py for the CPU figures).
     """
     return "exact" if str(device).startswith("cuda") else "ivfpq"
+
+
+def resolve_kind(kind: str, device: str = "cpu") -> str:
+    """``kind`` itself, or for "auto" the device's :func:`default_kind`: the one place "auto" is resolved."""
+    return default_kind(device) if kind == "auto" else kind
 
 
 def default_nlist(n: int) -> int:

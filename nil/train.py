@@ -120,7 +120,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device, out: Path,
            resume: bool = False) -> dict:
     spec = model_spec(cfg, ds, image_size)
-    kind = faiss_index.default_kind(str(device)) if cfg.ann_index == "auto" else cfg.ann_index
+    kind = faiss_index.resolve_kind(cfg.ann_index, str(device))
     resolved = cfg.to_dict() | {"resolved": {"device": str(device), "image_size": image_size, "ann_index": kind,
                                              "classes": ds.classes, "format": ds.format,
                                              "split_origin": ds.split_origin, "torch": torch.__version__}}
@@ -249,7 +249,7 @@ def make_source(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.de
         return DistractorSource()
     if cfg.distractor == "gradient":
         return GradientDistractors(cfg.gradient_step)
-    kind = faiss_index.default_kind(str(device)) if kind == "auto" else kind
+    kind = faiss_index.resolve_kind(kind, str(device))
     space = "features" if cfg.loss == "ce-replay" else "z"
     dim = feature_dim if space == "features" else cfg.embed_dim
     if dim is None:
