@@ -41,7 +41,7 @@ def test_report_files_hold_the_runs_numbers(run_dir):
     assert list(suspects.columns) == ["id", "key", "label", "suspected_class", "fraction", "raw_fraction",
                                         "mean_distance"]
     settings = page[page.index("<h2>Settings</h2>"):page.index("<h2>Training curves")]
-    for words in ("distractor source", "memory (--ann exact)", "stored in the memory", "lam", "margin",
+    for words in ("distractor source", "memory (--ann exact)", "re-embedded in the step (fresh)", "lam", "margin",
                   "warmup_epochs"):
         assert words in settings
 
