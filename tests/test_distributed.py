@@ -230,8 +230,10 @@ def test_two_process_index_build_equals_one_process_build(tmp_path, tiny_npz):
 
 
 @pytest.mark.parametrize("extra", [
-    # the defaults (warm-up on: the projection head is idle in epoch 1, active in epoch 2)
+    # the defaults (fresh distractors, exact memory, no warm-up)
     [],
+    # warm-up on, stored vectors: the distractor term is off in epoch 1 and on in epoch 2
+    ["--warmup-epochs", "1", "--stored-distractors"],
     ["--fresh-distractors", "--warmup-epochs", "0", "--ann", "faiss", "--ann-index", "flat"],
     ["--loss", "ce-replay", "--warmup-epochs", "0"],
 ])
