@@ -375,7 +375,7 @@ def goal(summary: list[dict], pairs: list[dict], arm: str = "nil-fresh") -> list
 
 
 def write_report(study: Study, command: str = "") -> dict:
-    rows = [r for r in load_rows(study).values() if r["stage"] == "final"
+    rows = [r for r in load_rows(study).values() if r["stage"] == "final" and r["seed"] in study.seeds
             and r["dataset"] in study.datasets and r["model"] in study.models and r["arm"] in study.arms]
     choices = json.loads(study.choice_file.read_text()) if study.choice_file.exists() else {}
     summary = summarise(rows)
