@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.report import envelope, markdown_table, write_result
 from faiss_index import knn_other_class
-from nil.indexing import embed_split
+from nil.embedding import embed_split
 
 
 def geometry(run_dir: str | Path, split: str = "train") -> dict:

@@ -118,17 +118,11 @@ def image_embedder(checkpoint: str | Path, device):
 
     A file that is not a readable image raises ValueError (the service answers 422).
     """
-    import numpy as np
-    import torch
     from PIL import Image
 
-    from nil.data import make_transform
-    from nil.evaluate import load_model
+    from nil.embedding import ImageEmbedder
 
-    model, ckpt = load_model(checkpoint, device)
-    spec = ckpt["model_spec"]
-    transform = make_transform(False, spec["image_size"], spec["in_channels"])
-    mode = "L" if spec["in_channels"] == 1 else "RGB"
+    embedder = ImageEmbedder(checkpoint, device)
 
     def embed(data: bytes):
         try:
@@ -136,17 +130,12 @@ def image_embedder(checkpoint: str | Path, device):
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise ValueError(f"the image has {im.width}x{im.height} pixels; at most {MAX_IMAGE_PIXELS} "
                                      "are accepted.")
-                arr = np.array(im.convert(mode))
+                arr = embedder.pixels(im)
         except ValueError:
             raise
         except Exception as exc:  # PIL raises many types for broken files (OSError, SyntaxError, ...)
             raise ValueError(f"not a readable image ({type(exc).__name__}: {exc}).") from None
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        x = transform(arr)[None].to(device)
-        with torch.no_grad():
-            out = model(x)
-        return out.z.float().cpu().numpy()[0], int(out.logits.argmax(1).item())
+        return embedder(arr)
 
-    embed.dim = spec["embed_dim"]
+    embed.dim = embedder.dim
     return embed

@@ -18,27 +18,14 @@ from PIL import Image, UnidentifiedImageError
 import faiss_index
 from faiss_index.fileio import sha256_file
 from nil import distributed
-from nil.data import make_transform
+from nil.embedding import ImageEmbedder, embed_split
 from nil.errors import NilError
-from nil.evaluate import load_model, open_with_checkpoint
+from nil.evaluate import open_with_checkpoint
 from nil.loaders import make_loader
 from nil.predict import predict
 from nil.runtime import resolve_device
 
 LOG = logging.getLogger(__name__)
-
-
-def embed_split(checkpoint: str | Path, data: str | None = None, split: str = "train", fmt: str | None = None,
-                batch_size: int = 256, device: str = "auto", progress: bool = True) -> dict:
-    """Embed one split with a checkpoint: ``vectors`` (N, D) float32, ``labels``, ``ids``, ``keys``, ``classes``."""
-    dev = resolve_device(device)
-    model, ckpt, cfg, ds = open_with_checkpoint(checkpoint, data, fmt, dev)
-    samples = ds.split(split)
-    loader = make_loader(samples, train=False, cfg=cfg, image_size=ckpt["model_spec"]["image_size"], channels=ds.channels,
-                         device=dev, batch_size=batch_size)
-    p = predict(model, loader, dev, progress=progress, desc=f"embed {split}")
-    return {"vectors": p.z, "labels": p.labels, "ids": p.ids, "keys": [str(k) for k in samples.keys],
-            "classes": ds.classes, "source": f"{cfg.data}:{split}"}
 
 
 def read_embeddings(path: str | Path) -> dict:
@@ -141,21 +128,16 @@ def _build_index_parallel(out, checkpoint, data, kind, split, fmt, batch_size, d
 
 def embed_image(image_path: str | Path, checkpoint: str | Path, device: torch.device) -> tuple[np.ndarray, int]:
     """Embed one image file with a checkpoint; returns z (1, D) and the predicted class."""
-    model, ckpt = load_model(checkpoint, device)
-    spec = ckpt["model_spec"]
+    embedder = ImageEmbedder(checkpoint, device)
     try:
         with Image.open(image_path) as im:
-            arr = np.array(im.convert("L" if spec["in_channels"] == 1 else "RGB"))
+            arr = embedder.pixels(im)
     except FileNotFoundError:
         raise NilError(f"image {image_path} does not exist") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise NilError(f"cannot read image {image_path}: {exc}") from None
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    x = make_transform(False, spec["image_size"], spec["in_channels"])(arr)[None].to(device)
-    with torch.no_grad():
-        out = model(x)
-    return out.z.float().cpu().numpy(), int(out.logits.argmax(1).item())
+    z, predicted = embedder(arr)
+    return z[None], predicted
 
 
 def query_index(index_dir: str | Path, k: int = 5, *, ids: list[int] | None = None, image: str | Path | None = None,

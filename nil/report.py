@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import faiss_index  # noqa: E402
 from nil.config import TrainConfig  # noqa: E402
 from nil.errors import NilError  # noqa: E402
-from nil.indexing import embed_split  # noqa: E402
+from nil.embedding import embed_split  # noqa: E402
 from nil.runtime import open_config_dataset  # noqa: E402
 
 LOG = logging.getLogger(__name__)

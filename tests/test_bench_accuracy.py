@@ -104,7 +104,7 @@ def test_embedding_geometry_of_a_run(tiny_npz, tmp_path):
 
     from benchmarks.embedding_geometry import geometry
     from nil.config import TrainConfig
-    from nil.indexing import embed_split
+    from nil.embedding import embed_split
     from nil.train import train
 
     run = tmp_path / "run"
