@@ -174,9 +174,10 @@ def method_settings(config: dict) -> dict:
         out |= {"distractor source": source,
                 "ann_index": config.get("ann_index") if config.get("ann") == "faiss" else None,
                 "distractor vectors": ("moved features of the sample itself" if source == "gradient"
-                                       else "this step's batch embeddings" if ann == "none"
+                                       else "images replayed with their own CE, searched in pooled features"
+                                       if loss == "ce-replay" else "this step's batch embeddings" if ann == "none"
                                        else "re-embedded in the step (fresh)" if config.get("fresh_distractors")
-                                       or loss == "ce-replay" else "stored in the memory (up to an epoch old)"),
+                                       else "stored in the memory (up to an epoch old)"),
                 "warmup_epochs": config.get("warmup_epochs")}
     if loss == "nil":
         out |= {"lam": config.get("lam"), "margin": config.get("margin"), "variant": config.get("variant")}
