@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.report import envelope, markdown_table, write_result
+from benchmarks.report import envelope, markdown_table, mean_sd as _mean_std, write_result
 from nil.config import TrainConfig
 from nil.train import train
 
@@ -258,13 +258,6 @@ def paired_differences(rows: list[dict]) -> list[dict]:
             entry[f"{k}_wins"] = sum(d > 0 for d in diffs)
         out.append(entry)
     return out
-
-
-def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarise(rows: list[dict]) -> list[dict]:

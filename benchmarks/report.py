@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,14 @@ _QUIET_PARAMS = ("nlist_per_class", "refresh_every", "niter", "max_points_per_ce
 def _params_text(params: dict, quiet: bool = True) -> str:
     shown = {k: v for k, v in params.items() if not (quiet and k in _QUIET_PARAMS)}
     return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the values that are not None (sd 0 for one value)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def envelope(command: str, **fields) -> dict:

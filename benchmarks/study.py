@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.machine import machine_info
-from benchmarks.report import envelope, markdown_table, write_files, write_result
+from benchmarks.report import envelope, markdown_table, mean_sd as _mean_sd, write_files, write_result
 from nil.config import TrainConfig
 
 LOG = logging.getLogger(__name__)
@@ -296,13 +296,6 @@ def run_final(study: Study, command: str = "") -> dict:
 
 
 # --------------------------------------------------------------------------------------- report
-def _mean_sd(values: list) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _ci95(values: list[float]) -> tuple[float | None, float | None]:
     """Student-t 95% interval of the mean of paired differences."""
     if len(values) < 2:
