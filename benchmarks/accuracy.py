@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.report import envelope, markdown_table, mean_sd as _mean_std, write_result
+from benchmarks.report import envelope, group_runs, markdown_table, mean_sd as _mean_std, write_result
 from nil.config import TrainConfig
 from nil.train import train
 
@@ -262,11 +262,8 @@ def paired_differences(rows: list[dict]) -> list[dict]:
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation of each test metric per (dataset, model, arm)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["dataset"], r["model"], r["arm"]), []).append(r)
     out = []
-    for (dataset, model, arm), rs in groups.items():
+    for (dataset, model, arm), rs in group_runs(rows).items():
         entry = {"dataset": dataset, "model": model, "arm": arm, "seeds": len(rs)}
         for k in REPORTED:
             entry[k], entry[f"{k}_std"] = _mean_std([r["test"][k] for r in rs])

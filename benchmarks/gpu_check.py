@@ -22,7 +22,7 @@ import faiss_index
 from benchmarks.measure import median
 from benchmarks.mining import MiningBench, run_mining_bench
 from benchmarks.report import envelope, to_json, write_files
-from benchmarks.vectors import ClusteredSpec, clustered_vectors
+from faiss_index.synthetic import ClusteredSpec, clustered_vectors
 from nil.config import TrainConfig
 from nil.data.synth import write_synthetic
 from nil.train import train

@@ -1,6 +1,6 @@
 """Benchmark of distractor mining: nearest other-class neighbour search over a memory of N embeddings.
 
-For every N the same seeded clustered vectors (:mod:`benchmarks.vectors`) are stored in each method
+For every N the same seeded clustered vectors (:mod:`faiss_index.synthetic`) are stored in each method
 and the same query batches, drawn from the stored vectors with their ids (so a sample never finds
 itself), are searched. Methods:
 
@@ -32,10 +32,10 @@ import torch
 from tqdm.auto import tqdm
 
 import faiss_index
-from benchmarks.measure import (KNOBS, PeakMemory, available_memory_gb, current_rss_mb, faiss_simd, load_average,
-                                median, timed_ms)
-from benchmarks.report import envelope
-from benchmarks.vectors import CHUNK, ClusteredSpec, clustered_vectors, iter_chunks, moved, query_rows
+from benchmarks.measure import (KNOBS, PeakMemory, available_memory_gb, current_rss_mb, median,
+                                timed_ms)
+from benchmarks.report import close_envelope, envelope
+from faiss_index.synthetic import CHUNK, ClusteredSpec, clustered_vectors, iter_chunks, moved, query_rows
 from nil.errors import NilError
 from nil.runtime import resolve_device
 
@@ -170,7 +170,7 @@ def run_mining_bench(cfg: MiningBench, command: str | None = None) -> dict:
     result = envelope(
         command or " ".join(shlex.quote(a) for a in sys.argv),
         device=str(device),
-        data={"generator": "benchmarks.vectors.clustered_vectors", **cfg.spec.as_dict(),
+        data={"generator": "faiss_index.synthetic.clustered_vectors", **cfg.spec.as_dict(),
               "ids": f"{ID_OFFSET} + row", "queries": "rows of the data, distinct within a batch, "
               "searched with their own ids", "upsert": "the batch's ids with moved vectors (vectors.moved)"},
         settings={k: v for k, v in asdict(cfg).items() if k not in ("spec", "progress")},
@@ -184,9 +184,7 @@ def run_mining_bench(cfg: MiningBench, command: str | None = None) -> dict:
             result["rows"].extend(_run_method(method, data, n, cfg, device, history))
         del data
         gc.collect()
-    result["load_avg_end"] = load_average()
-    result["faiss_simd"] = faiss_simd()
-    result["elapsed_s"] = round(time.time() - started, 1)
+    close_envelope(result, started)
     from benchmarks.report import mining_goals, write_mining_outputs
 
     result["goals"] = mining_goals(result)

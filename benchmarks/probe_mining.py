@@ -111,10 +111,14 @@ def main(argv=None) -> dict:
 
     # Streaming: re-upsert batches of existing samples with moved vectors (as in training).
     up_ms = []
-    for _ in range(a.upserts):
+    def moved_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        """A random batch of stored ids with their vectors moved a little, as after a training step."""
         qi = torch.randint(0, a.n, (a.batch,), generator=g).to(a.device)
         v = x[qi] + 0.01 * torch.randn(a.batch, a.dim, generator=g).to(a.device)
-        v = v / v.norm(dim=1, keepdim=True)
+        return qi, v / v.norm(dim=1, keepdim=True)
+
+    for _ in range(a.upserts):
+        qi, v = moved_batch()
         sync()
         t0 = time.perf_counter()
         index.upsert(qi, v, y[qi])
@@ -141,9 +145,7 @@ def main(argv=None) -> dict:
         index.refresh()
         step_ms, refreshes = [], 0
         for _ in range(a.train_steps):
-            qi = torch.randint(0, a.n, (a.batch,), generator=g).to(a.device)
-            v = x[qi] + 0.01 * torch.randn(a.batch, a.dim, generator=g).to(a.device)
-            v = v / v.norm(dim=1, keepdim=True)
+            qi, v = moved_batch()
             sync()
             t0 = time.perf_counter()
             index.search_other_class(v, y[qi], a.k, query_ids=qi)

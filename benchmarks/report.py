@@ -11,19 +11,20 @@ import logging
 import math
 import os
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.machine import machine_info
-from benchmarks.measure import KNOBS, git_revision, load_average, thread_env
+from benchmarks.measure import KNOBS, faiss_simd, git_revision, load_average, thread_env
 
 LOG = logging.getLogger(__name__)
 
 MINING_RECALL_GOAL = 0.95  # recall@1 the default approximate configuration must reach at N = 1M
 MINING_SPEEDUP_GOAL = 10.0  # ... at no more than 1/10 of exact-torch's ms per batch
 PEER_SPEEDUP_GOAL = 50.0  # at N = 100k, at least 50x faster per batch than CrossBatchMemory + BatchHardMiner
-TRAIN_SHARE_GOAL = 0.15  # mining + upsert under 15% of a training step at 1M memory
+TRAIN_SHARE_GOAL = 0.05  # mining + upsert + refresh under 5% of a training step at 1M memory (issue 15)
 GOAL_N, PEER_GOAL_N, TRAIN_GOAL_MEMORY = 1_000_000, 100_000, 1_000_000
 
 
@@ -85,12 +86,28 @@ def mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def group_runs(rows: list[dict], keys: tuple[str, ...] = ("dataset", "model", "arm")) -> dict[tuple, list[dict]]:
+    """Runs grouped by the values of ``keys``, in first-seen order (one group per arm of a study)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return groups
+
+
 def envelope(command: str, **fields) -> dict:
     """The head of every benchmark result: the command, the machine, the code measured, and the load
     and thread settings at the start; ``fields`` follow."""
     return {"command": command, "machine": machine_info(), "git": git_revision(("faiss_index", "nil", "benchmarks",
                                                                                 "cli")),
             "load_avg_start": load_average(), "thread_env": thread_env()} | fields
+
+
+def close_envelope(result: dict, started: float) -> dict:
+    """Stamp the end of a run on its envelope: load average at the end, faiss SIMD level, wall time."""
+    result["load_avg_end"] = load_average()
+    result["faiss_simd"] = faiss_simd()
+    result["elapsed_s"] = round(time.time() - started, 1)
+    return result
 
 
 def write_result(out: str | Path, result: dict, markdown: str, **more: bytes | str) -> None:
@@ -161,54 +178,41 @@ def _mid(row: dict, reference_ms: float) -> str:
     return f" (halfway through a refresh cycle: {mid:.1f} ms = {reference_ms / mid:.1f}x)"
 
 
+def _speedup_goal(name: str, reference: dict | None, reference_name: str, approx: list[dict], n: int,
+                  default_kind: str | None, recall_floor: float | None, speedup_floor: float) -> dict:
+    """One "the default approximate kind is X times faster than REFERENCE" goal, over each kind's row."""
+    if reference is None or not approx:
+        return {"goal": name, "met": None,
+                "detail": f"not measured (needs {reference_name} and an approximate kind at N = {n:,})"}
+    parts, met_by = [], []
+    ref_ms = reference["ms_per_batch"]
+    for r in approx:
+        speedup = ref_ms / r["ms_per_batch"]
+        ok = speedup >= speedup_floor and (recall_floor is None or r["recall_at_1"] >= recall_floor)
+        if ok:
+            met_by.append(r["method"])
+        parts.append(f"{r['method']} ({_params_text(r['params'])}): recall@1 {r['recall_at_1']:.3f}, "
+                     f"{r['ms_per_batch']:.1f} ms vs {reference_name} {ref_ms:.1f} ms = {speedup:.1f}x -> "
+                     f"{'met' if ok else 'not met'}{_mid(r, ref_ms)}")
+    met = (default_kind in met_by) if default_kind else bool(met_by)
+    return {"goal": name, "met": met, "default_kind": default_kind, "detail": "; ".join(parts), "met_by": met_by}
+
+
 def mining_goals(result: dict) -> list[dict]:
     """Each goal with ``met`` (True, False, or None where its figures were not measured) and the figures."""
     rows = result["rows"]
     default_kind = result.get("default_approximate")
-    goals = []
-
-    exact = _find(rows, "exact-torch", GOAL_N)
-    approx = default_approximate_rows(result, GOAL_N)
     name = (f"At N = {GOAL_N:,}, d = 128, batch 256, the default approximate configuration has recall@1 >= "
             f"{MINING_RECALL_GOAL} at <= 1/{MINING_SPEEDUP_GOAL:.0f} of exact-torch's ms per batch")
-    if exact is None or not approx:
-        goals.append({"goal": name, "met": None, "detail": f"not measured (needs exact-torch and an approximate "
-                      f"kind at N = {GOAL_N:,})"})
-    else:
-        parts, met_by = [], []
-        for r in approx:
-            speedup = exact["ms_per_batch"] / r["ms_per_batch"]
-            ok = r["recall_at_1"] >= MINING_RECALL_GOAL and speedup >= MINING_SPEEDUP_GOAL
-            if ok:
-                met_by.append(r["method"])
-            parts.append(f"{r['method']} ({_params_text(r['params'])}): recall@1 {r['recall_at_1']:.3f}, "
-                         f"{r['ms_per_batch']:.1f} ms vs exact-torch {exact['ms_per_batch']:.1f} ms = "
-                         f"{speedup:.1f}x -> {'met' if ok else 'not met'}{_mid(r, exact['ms_per_batch'])}")
-        met = (default_kind in met_by) if default_kind else bool(met_by)
-        goals.append({"goal": name, "met": met, "default_kind": default_kind, "detail": "; ".join(parts),
-                      "met_by": met_by})
-
-    peer = _find(rows, "pml-xbm-batchhard", PEER_GOAL_N)
-    approx = default_approximate_rows(result, PEER_GOAL_N)
+    exact_goal = _speedup_goal(name, _find(rows, "exact-torch", GOAL_N), "exact-torch",
+                               default_approximate_rows(result, GOAL_N), GOAL_N, default_kind,
+                               MINING_RECALL_GOAL, MINING_SPEEDUP_GOAL)
     name = (f"At N = {PEER_GOAL_N:,}, the default approximate configuration is at least {PEER_SPEEDUP_GOAL:.0f}x "
             "faster per batch than CrossBatchMemory + BatchHardMiner")
-    if peer is None or not approx:
-        goals.append({"goal": name, "met": None, "detail": f"not measured (needs the peer and an approximate kind "
-                      f"at N = {PEER_GOAL_N:,})"})
-    else:
-        parts, met_by = [], []
-        for r in approx:
-            speedup = peer["ms_per_batch"] / r["ms_per_batch"]
-            ok = speedup >= PEER_SPEEDUP_GOAL
-            if ok:
-                met_by.append(r["method"])
-            parts.append(f"{r['method']}: {r['ms_per_batch']:.1f} ms (recall@1 {r['recall_at_1']:.3f}) vs peer "
-                         f"{peer['ms_per_batch']:.1f} ms = {speedup:.1f}x -> {'met' if ok else 'not met'}"
-                         f"{_mid(r, peer['ms_per_batch'])}")
-        met = (default_kind in met_by) if default_kind else bool(met_by)
-        goals.append({"goal": name, "met": met, "default_kind": default_kind, "detail": "; ".join(parts),
-                      "met_by": met_by})
-    return goals
+    peer_goal = _speedup_goal(name, _find(rows, "pml-xbm-batchhard", PEER_GOAL_N), "the peer",
+                              default_approximate_rows(result, PEER_GOAL_N), PEER_GOAL_N, default_kind,
+                              None, PEER_SPEEDUP_GOAL)
+    return [exact_goal, peer_goal]
 
 
 def _verdict(met) -> str:
@@ -335,7 +339,9 @@ def write_mining_outputs(result: dict, out: Path) -> None:
 
 
 def train_goals(result: dict) -> list[dict]:
-    name = (f"Mining plus upsert take under {TRAIN_SHARE_GOAL:.0%} of a training step at "
+    """Mining + upsert + the periodic refresh (amortised) against the share goal; a row without a
+    refresh figure (exact memory, batch mining) is judged on mining + upsert alone."""
+    name = (f"Mining plus upsert plus refresh take under {TRAIN_SHARE_GOAL:.0%} of a training step at "
             f"{TRAIN_GOAL_MEMORY:,} memory")
     rows = [r for r in result["rows"] if r["memory"] == TRAIN_GOAL_MEMORY and r["ann"] != "none"
             and "skipped" not in r and "error" not in r]
@@ -343,7 +349,8 @@ def train_goals(result: dict) -> list[dict]:
         return [{"goal": name, "met": None, "detail": f"not measured (no row at memory {TRAIN_GOAL_MEMORY:,})"}]
     parts, met_by = [], []
     for r in rows:
-        ok = r["share"] < TRAIN_SHARE_GOAL
+        share = r["share_with_refresh"] if r.get("share_with_refresh") is not None else r["share"]
+        ok = share < TRAIN_SHARE_GOAL
         label = r["ann"] + (f" ({r['ann_index']})" if r.get("ann_index") else "")
         if ok:
             met_by.append(label)
@@ -351,8 +358,8 @@ def train_goals(result: dict) -> list[dict]:
                      if r.get("share_with_refresh") is not None else "")
         parts.append(f"{label}: mining {r['mining_ms']:.1f} + upsert {r['upsert_ms']:.1f} ms of a "
                      f"{r['ms_per_step']:.1f} ms step = {r['share']:.1%}{amortised} -> {'met' if ok else 'not met'}")
-    faiss_rows = [r for r in rows if r["ann"] == "faiss"]
-    met = any(r["share"] < TRAIN_SHARE_GOAL for r in faiss_rows) if faiss_rows else bool(met_by)
+    faiss = [label for r, label in zip(rows, parts) if r["ann"] == "faiss"]
+    met = any(p.endswith("-> met") for p in faiss) if faiss else bool(met_by)
     return [{"goal": name, "met": met, "detail": "; ".join(parts), "met_by": met_by}]
 
 

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.machine import machine_info
-from benchmarks.report import envelope, markdown_table, mean_sd as _mean_sd, write_files, write_result
+from benchmarks.report import envelope, group_runs, markdown_table, mean_sd as _mean_sd, write_files, write_result
 from nil.config import TrainConfig
 
 LOG = logging.getLogger(__name__)
@@ -306,11 +306,8 @@ def _ci95(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["dataset"], r["model"], r["arm"]), []).append(r)
     out = []
-    for (dataset, model, arm), rs in groups.items():
+    for (dataset, model, arm), rs in group_runs(rows).items():
         e = {"dataset": dataset, "model": model, "arm": arm, "seeds": sorted(r["seed"] for r in rs),
              "arm_params": rs[0]["arm_params"], "train_s": statistics.fmean(r["train_s"] for r in rs)}
         for k in REPORTED:

@@ -6,7 +6,7 @@ synthetic zarr patch store (:func:`nil.data.synth.write_synthetic`) with a small
 figure shows what mining costs next to a cheap network.
 
 A memory of 1M samples would take an epoch over 1M images to fill. Instead the miner's index is
-prefilled with N seeded clustered unit embeddings (:mod:`benchmarks.vectors`): the samples of the
+prefilled with N seeded clustered unit embeddings (:mod:`faiss_index.synthetic`): the samples of the
 timed batches first, under their own ids and labels, then distinct ids beyond the patch store's. So
 the memory holds exactly N samples and every update replaces existing ids: the steady state of
 training after the first epoch. Batches are loaded before timing: data loading is not in the figures.
@@ -33,9 +33,9 @@ import torch
 from tqdm.auto import tqdm
 
 import faiss_index
-from benchmarks.measure import faiss_simd, load_average, median, sync
-from benchmarks.report import envelope
-from benchmarks.vectors import ClusteredSpec, iter_chunks, moved
+from benchmarks.measure import median, sync
+from benchmarks.report import close_envelope, envelope
+from faiss_index.synthetic import ClusteredSpec, iter_chunks, moved
 from nil.config import TrainConfig
 from nil.data import write_synthetic
 from nil.errors import NilError
@@ -132,7 +132,7 @@ def run_train_bench(cfg: TrainBench, command: str | None = None) -> dict:
             device=str(device),
             settings={k: v for k, v in asdict(cfg).items() if k != "progress"},
             prefill=(f"The miner's memory was prefilled with N seeded clustered unit embeddings "
-                        f"(benchmarks.vectors, {cfg.embed_dim}-d, {ds.num_classes} classes) under distinct ids and "
+                        f"(faiss_index.synthetic, {cfg.embed_dim}-d, {ds.num_classes} classes) under distinct ids and "
                         "labels: the timed batches' samples first, under their own ids and labels, then ids "
                         "beyond the patch store's; no epoch over N images was trained."),
             rows=[],
@@ -151,9 +151,7 @@ def run_train_bench(cfg: TrainBench, command: str | None = None) -> dict:
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    result["load_avg_end"] = load_average()
-    result["faiss_simd"] = faiss_simd()
-    result["elapsed_s"] = round(time.time() - started, 1)
+    close_envelope(result, started)
     from benchmarks.report import train_goals, write_train_outputs
 
     result["goals"] = train_goals(result)

@@ -82,7 +82,7 @@ def test_mining_markdown_and_plot(mining):
 
 def test_recall_counts_hits_and_ties_only():
     from benchmarks.mining import _Data, recall_at_1
-    from benchmarks.vectors import ClusteredSpec
+    from faiss_index.synthetic import ClusteredSpec
 
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     data = _Data(y=torch.tensor([0, 1, 1, 1]), ids=torch.arange(4), qrows=torch.tensor([[0]]), xq=x[torch.tensor([[0]])],
@@ -97,7 +97,7 @@ def test_recall_counts_hits_and_ties_only():
 
 
 def test_vectors_are_seeded_prefixes_and_the_distractor_case():
-    from benchmarks.vectors import ClusteredSpec, clustered_vectors
+    from faiss_index.synthetic import ClusteredSpec, clustered_vectors
 
     spec = ClusteredSpec(dim=32, classes=4, seed=3)
     x, y = clustered_vectors(3000, spec)
@@ -159,7 +159,7 @@ def test_large_size_streams_its_vectors_and_finds_the_same_truth(monkeypatch, tm
 
     monkeypatch.setattr(mining, "LARGE_N", 3000)
     monkeypatch.setattr(mining, "CHUNK", 1024)  # several chunks, so the streamed merge is exercised
-    monkeypatch.setattr("benchmarks.vectors.CHUNK", 1024)
+    monkeypatch.setattr("faiss_index.synthetic.CHUNK", 1024)
     kw = dict(dim=16, batch=32, batches=2, warmup=1, progress=False, out=str(tmp_path / "m.json"))
     held = mining._make_data(3000, mining.MiningBench(ns=(3000,), **kw), torch.device("cpu"))
     streamed = mining._make_data(3000, mining.MiningBench(ns=(2000,), large=True, **kw), torch.device("cpu"))

@@ -16,11 +16,8 @@ __all__ = ["ExactIndex"]
 class ExactIndex(BaseIndex):
     """Exact other-class / same-class search over every stored sample (the default on CUDA).
 
-    Args:
-        dim: vector dimension D.
-        num_classes: labels are 0..num_classes-1.
-        device: "cpu" or "cuda[:N]"; the store and all results live there.
-        chunk: rows of the store scored at once (memory O(Q * chunk)).
+    ``dim``, ``num_classes`` and ``device`` as for :class:`BaseIndex` (the store and every result
+    live on ``device``); ``chunk`` is how many stored rows are scored at once (memory O(Q * chunk)).
     """
 
     kind = "exact"
