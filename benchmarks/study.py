@@ -117,12 +117,17 @@ def run_config(study: Study, dataset: str, model: str, arm: str, seed: int, para
                        **(base_settings(study) | params), **ARMS[arm])
 
 
+RETIRED_FIELDS = {"extra": {}}  # TrainConfig fields removed after runs were written, with the value they had
+
+
 def run_key(stage: str, cfg: TrainConfig) -> str:
     """Everything that defines a run (not where it is written).
 
     Every field of the config is hashed, so a new field, or a changed default of a field the study
-    does not set, starts the study afresh: the arms set every method option they depend on."""
-    d = cfg.to_dict()
+    does not set, starts the study afresh: the arms set every method option they depend on. A field
+    removed from the config since keeps its last value in the key (:data:`RETIRED_FIELDS`), so the
+    runs already written stay valid."""
+    d = RETIRED_FIELDS | cfg.to_dict()
     d.pop("out"), d.pop("progress")
     d["data"] = Path(d["data"]).name
     blob = json.dumps([stage, d], sort_keys=True)

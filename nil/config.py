@@ -76,7 +76,6 @@ class TrainConfig:
     precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32 | bf16 force it
     evaluate_test: bool = True  # False for tuning runs: the test split is never read
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # unused; kept because the study's run keys hash every field
 
     def validate(self) -> None:
         """Refuse inconsistent options with one clear sentence."""

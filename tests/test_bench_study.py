@@ -95,3 +95,17 @@ def test_paired_differences_interval_and_wins():
 def test_study_command_rejects_an_unknown_arm(tmp_path):
     result = CliRunner().invoke(main, ["bench", "study", "tune", "--arms", "ce,magic", "--out", str(tmp_path / "s.json")])
     assert result.exit_code != 0 and "unknown arms ['magic']" in result.output
+
+
+def test_the_committed_study_runs_keep_their_keys(tmp_path):
+    """Every small-CNN final run the committed study planned is found under the key this code computes,
+    so a TrainConfig change (a field added or retired) does not silently restart the study."""
+    results = study_module.Path(study_module.__file__).parent / "results"
+    rows = load_rows(Study(out=str(results / "study.json")))
+    choices = json.loads((results / "study-choice.json").read_text())
+    s = Study(out=str(results / "study.json"))
+    planned = [study_module.run_key("final", study_module.run_config(
+        s, dataset, "small_cnn", arm, seed, choices[arm]["params"], tmp_path / "run", evaluate_test=True))
+        for dataset in s.datasets for arm in s.arms for seed in s.seeds]
+    assert len(planned) == 40
+    assert [k for k in planned if k not in rows] == []
