@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.report import envelope, group_runs, markdown_table, mean_sd as _mean_std, write_result
+from benchmarks.report import envelope, group_runs, markdown_head, markdown_table, mean_sd as _mean_std, write_result
 from nil.config import TrainConfig
 from nil.train import train
 
@@ -200,10 +200,7 @@ def tuning_markdown(result: dict) -> str:
                      st.get("warmup_epochs", s["warmup_epochs"])]
                     + [f"{t[f'{d}_{k}']:.3f}" for d in datasets for k in ("accuracy", "auc")] + [f"{t['score']:.3f}"])
     return "\n".join([
-        "# Tuning the distractor term on the validation split",
-        "",
-        f"Command: `{result['command']}`",
-        "",
+        *markdown_head("Tuning the distractor term on the validation split", result),
         f"Models {s['models']}, seeds {s['seeds']}, epochs {s['epochs']}, batch {s['batch_size']}, lr {s['lr']}, "
         f"precision {s['precision']}. The test split was never read (evaluate_test=False). Score: mean of "
         f"validation accuracy and AUC over datasets, models and seeds. {len(result['rows'])} runs in "
@@ -278,10 +275,7 @@ def _cell(mean, std) -> str:
 def accuracy_markdown(result: dict) -> str:
     s = result["settings"]
     lines = [
-        "# Accuracy: CE versus distractor-aware training on real medical data",
-        "",
-        f"Command: `{result['command']}`",
-        "",
+        *markdown_head("Accuracy: CE versus distractor-aware training on real medical data", result),
         f"Official MedMNIST splits at 28x28; epochs {s['epochs']}, batch {s['batch_size']}, AdamW lr {s['lr']} "
         f"with cosine decay, random flips, {s['precision']} autocast; model selection on validation accuracy; "
         f"test split used once per run. "

@@ -49,6 +49,11 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def markdown_head(title: str, result: dict) -> list[str]:
+    """The first lines of every result's markdown: its title and the command that made it."""
+    return [f"# {title}", "", f"Command: `{result['command']}`", ""]
+
+
 def machine_lines(result: dict) -> list[str]:
     m = result["machine"]
     gpu = m.get("gpu")
@@ -215,17 +220,20 @@ def mining_goals(result: dict) -> list[dict]:
     return [exact_goal, peer_goal]
 
 
+def _timed_head(title: str, result: dict) -> list[str]:
+    """Title, command, machine, device and wall time of a timing benchmark."""
+    return markdown_head(title, result) + machine_lines(result) + [
+        f"- device: {result['device']}; elapsed {result.get('elapsed_s')} s", ""]
+
+
 def _verdict(met) -> str:
     return "**met**" if met is True else "**not met**" if met is False else "**not measured**"
 
 
 def mining_markdown(result: dict) -> str:
-    out = ["# Distractor mining: nearest other-class neighbour search", "",
-           f"Command: `{result['command']}`", ""]
-    out += machine_lines(result)
+    out = _timed_head("Distractor mining: nearest other-class neighbour search", result)
     d = result["data"]
-    out += [f"- device: {result['device']}; elapsed {result.get('elapsed_s')} s", "",
-            f"Data: {d['dim']}-d L2-normalised clustered synthetic vectors, {d['classes']} classes x "
+    out += [f"Data: {d['dim']}-d L2-normalised clustered synthetic vectors, {d['classes']} classes x "
             f"{d['clusters_per_class']} tight clusters, {d['classes_per_site']} classes per look-alike site "
             f"(seed {d['seed']}); queries are rows of the data searched with their own ids. recall@1 is against "
             "the reference `knn_other_class` (a tie in distance counts as a hit); ms per batch is the median "
@@ -256,7 +264,7 @@ def mining_markdown(result: dict) -> str:
                 "that kind's default configuration meets it.", ""]
     for g in result.get("goals", []):
         out += [f"- {g['goal']}: {_verdict(g['met'])}. {g['detail']}."]
-    out += ["- Mining plus upsert under 15% of a training step at 1M memory: see `train.md`.", "",
+    out += [f"- Mining plus upsert plus refresh under {TRAIN_SHARE_GOAL:.0%} of a training step at 1M memory: see `train.md`.", "",
             "Verdicts use the figures right after a build, as the goals state them; the figures halfway "
             "through a refresh cycle are given beside them because they are what a long training run pays "
             "on average.", ""]
@@ -347,28 +355,27 @@ def train_goals(result: dict) -> list[dict]:
             and "skipped" not in r and "error" not in r]
     if not rows:
         return [{"goal": name, "met": None, "detail": f"not measured (no row at memory {TRAIN_GOAL_MEMORY:,})"}]
-    parts, met_by = [], []
+    parts, met_by, faiss_met = [], [], []
     for r in rows:
         share = r["share_with_refresh"] if r.get("share_with_refresh") is not None else r["share"]
         ok = share < TRAIN_SHARE_GOAL
         label = r["ann"] + (f" ({r['ann_index']})" if r.get("ann_index") else "")
         if ok:
             met_by.append(label)
+        if r["ann"] == "faiss":
+            faiss_met.append(ok)
         amortised = (f"; with the periodic refresh amortised {r['share_with_refresh']:.1%}"
                      if r.get("share_with_refresh") is not None else "")
         parts.append(f"{label}: mining {r['mining_ms']:.1f} + upsert {r['upsert_ms']:.1f} ms of a "
                      f"{r['ms_per_step']:.1f} ms step = {r['share']:.1%}{amortised} -> {'met' if ok else 'not met'}")
-    faiss = [label for r, label in zip(rows, parts) if r["ann"] == "faiss"]
-    met = any(p.endswith("-> met") for p in faiss) if faiss else bool(met_by)
+    met = any(faiss_met) if faiss_met else bool(met_by)
     return [{"goal": name, "met": met, "detail": "; ".join(parts), "met_by": met_by}]
 
 
 def train_markdown(result: dict) -> str:
-    out = ["# Training step: where the time goes", "", f"Command: `{result['command']}`", ""]
-    out += machine_lines(result)
+    out = _timed_head("Training step: where the time goes", result)
     s = result["settings"]
-    out += [f"- device: {result['device']}; elapsed {result.get('elapsed_s')} s", "",
-            f"The real trainer's step (`nil.train.train_epoch`: {s['model']} forward and backward, "
+    out += [f"The real trainer's step (`nil.train.train_epoch`: {s['model']} forward and backward, "
             f"`DistractorMiner.mine`, the distractor loss, the optimiser step, `DistractorMiner.update`) on batches of "
             f"{s['batch']} {s['image_size']}x{s['image_size']} patches from a synthetic zarr store "
             f"(`nil.data.synth.write_synthetic`, {s['classes']} classes), loaded before timing so data loading is "

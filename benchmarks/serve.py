@@ -33,7 +33,7 @@ import torch
 
 import faiss_index
 from benchmarks.measure import load_average
-from benchmarks.report import envelope, fmt, machine_lines, markdown_table, write_result
+from benchmarks.report import envelope, fmt, machine_lines, markdown_head, markdown_table, write_result
 from benchmarks.server import ServeProcess
 from faiss_index.indexes.base import BaseIndex
 from faiss_index.synthetic import clustered
@@ -238,8 +238,7 @@ def serve_markdown(result: dict) -> str:
     s, ix = result["settings"], result["index"]
     goal = result["goal"]
     verdict = "**met**" if goal["met"] else "**not met**"
-    out = ["# Search service: concurrent clients over loopback", "", f"Command: `{result['command']}`", ""]
-    out += machine_lines(result)
+    out = markdown_head("Search service: concurrent clients over loopback", result) + machine_lines(result)
     out += [f"- load average mid-run: {result.get('load_avg_mid')}",
             f"- server: `{result['server_command']}` (started in {result.get('server_start_s')} s); "
             f"{result.get('server_startup_line')}", "",

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.machine import machine_info
-from benchmarks.report import envelope, group_runs, markdown_table, mean_sd as _mean_sd, write_files, write_result
+from benchmarks.report import envelope, group_runs, markdown_head, markdown_table, mean_sd as _mean_sd, write_files, write_result
 from nil.config import TrainConfig
 
 LOG = logging.getLogger(__name__)
@@ -399,10 +399,7 @@ def _diff(p: dict, k: str) -> str:
 def study_markdown(result: dict) -> str:
     s = result["settings"]
     lines = [
-        "# Study: distractor-aware training against a fair, converged baseline",
-        "",
-        f"Command: `{result['command']}`",
-        "",
+        *markdown_head("Study: distractor-aware training against a fair, converged baseline", result),
         f"Finished {result['finished_runs']} of {result['planned_runs']} planned final runs (the study is "
         f"resumable: rerunning the command continues it). Commit {result['commit']}; machine "
         f"{result['machine']['cpu']}, {result['machine']['cores']} cores, one run at a time.",

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from faiss_index import ExactIndex, FaissIndex, make_index
+from faiss_index import FaissIndex, make_index
 
 pytest.importorskip("faiss")
 
