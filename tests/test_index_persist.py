@@ -17,14 +17,16 @@ from faiss_index.synthetic import clustered
 CLASSES = ["benign", "malignant", "normal"]
 
 
-def filled(kind, n=900, delta=True, **params):
+def filled(kind, n=900, delta=True, sparse=False, **params):
     x, y = clustered(n, 16, 3, clusters_per_class=6, spread=0.5, seed=1)
     ids = torch.arange(n) * 2 + 100
+    if sparse:  # hashed 62-bit sample keys
+        ids = torch.randperm(n, generator=torch.Generator().manual_seed(0)) * (2**52 + 7) + 2**61
     index = make_index(kind, 16, 3, **params)
     index.upsert(ids, x, y)
     index.build()
     if delta:  # leave some changed rows in the delta, including a new id and a label change
-        index.upsert(torch.tensor([100, 102, 99999]), x[:3] * 0.5, torch.tensor([2, 0, 1]))
+        index.upsert(torch.tensor([int(ids[0]), int(ids[1]), 2**40 + 99999]), x[:3] * 0.5, torch.tensor([2, 0, 1]))
     return index, x, y, ids
 
 
@@ -38,7 +40,7 @@ def same_answers(a, b, x, y, ids):
 
 
 KIND_PARAMS = [("exact", {}), ("flat", {}), ("ivf", {}), ("ivfpq", {}), ("hnsw", {}),
-               ("ivfpq", {"strategy": "global"})]
+               ("ivfpq", {"strategy": "global"}), ("ivfpq", {"sparse": True}), ("exact", {"sparse": True})]
 
 
 @pytest.mark.parametrize("kind, params", KIND_PARAMS)
@@ -54,6 +56,9 @@ def test_round_trip_gives_identical_results(tmp_path, kind, params):
     assert loaded.params == index.params and loaded.counts() == index.counts()
     assert getattr(loaded, "delta_size", 0) == getattr(index, "delta_size", 0)
     same_answers(index, loaded, x, y, ids)
+    found = loaded.search_other_class(x[:50], y[:50], 1, query_ids=ids[:50]).ids[:, 0]
+    stored = set(ids.tolist()) | {2**40 + 99999}
+    assert set(found.tolist()) <= stored and not (found == ids[:50]).any()
     for key in ("format_version", "dim", "metric", "classes", "counts", "kind", "params", "checkpoint_sha256",
                 "source", "created", "files"):
         assert key in manifest

@@ -41,13 +41,47 @@ def test_growth_keeps_rows():
     assert torch.equal(v, x)
 
 
-def test_huge_ids_switch_to_a_dict(monkeypatch):
-    monkeypatch.setattr(store_mod, "DENSE_ID_LIMIT", 1000)
+def test_sparse_ids_switch_to_sorted_keys_and_keep_every_row():
     s = VectorStore(2)
     s.upsert([1, 2], torch.ones(2, 2), [0, 0])
     s.upsert([10**12, 2], torch.zeros(2, 2), [1, 1])
-    assert s.rows_of([1, 2, 10**12, 5]).tolist() == [0, 1, 2, -1]
+    assert s._map.table is None
+    assert s.rows_of([1, 2, 10**12, 5, 10**12 + 1]).tolist() == [0, 1, 2, -1, -1]
     assert s.get([2])[1].tolist() == [1]
+
+
+def test_one_large_id_does_not_allocate_a_table_up_to_it():
+    s = VectorStore(4)
+    s.upsert([2**25 + 1], torch.ones(1, 4), [0])
+    assert s.nbytes() < 2**20  # a dense table up to that id would be 256-512 MiB
+    assert s.rows_of([2**25 + 1, 2**25]).tolist() == [0, -1]
+
+
+@pytest.mark.parametrize("make_ids", [
+    pytest.param(lambda g, n: torch.randint(0, 2**62, (n,), generator=g), id="hashed-62-bit"),
+    pytest.param(lambda g, n: 2**40 + torch.randint(0, 10**6, (n,), generator=g), id="near-2^40"),
+    pytest.param(lambda g, n: torch.randperm(3 * n, generator=g)[:n] * 7, id="dense-enough"),
+])
+def test_ids_of_any_size_map_to_their_rows_in_memory_proportional_to_the_count(make_ids, monkeypatch):
+    monkeypatch.setattr(store_mod, "_MERGE_MIN", 64)  # merge the side list often, as a long run does
+    g = torch.Generator().manual_seed(0)
+    n = 6000
+    ids = torch.unique(make_ids(g, n))
+    ids = ids[torch.randperm(ids.numel(), generator=g)]
+    x = torch.randn(ids.numel(), 3, generator=g)
+    s = VectorStore(3)
+    for start in range(0, ids.numel(), 256):  # batches as training sends them, with repeats
+        sl = slice(start, start + 256)
+        s.upsert(ids[sl], x[sl], torch.zeros(x[sl].shape[0], dtype=torch.long))
+        s.upsert(ids[:start + 1][-3:], x[:start + 1][-3:], torch.zeros(min(3, start + 1), dtype=torch.long))
+    assert len(s) == ids.numel()
+    v, _ = s.get(ids)
+    assert torch.equal(v, x)
+    assert torch.equal(s.rows_of(ids), torch.arange(ids.numel()))
+    absent = torch.tensor([int(ids.max()) + 1, 0 if 0 not in ids.tolist() else int(ids.max()) + 2])
+    assert s.rows_of(absent).tolist() == [-1, -1]
+    id_map_bytes = s._map.nbytes()
+    assert id_map_bytes <= 8 * (2 * store_mod.DENSE_SLACK * len(s) + store_mod.DENSE_FLOOR)
 
 
 @pytest.mark.parametrize("ids, vectors, labels, match", [

@@ -18,19 +18,31 @@ LOG = logging.getLogger(__name__)
 
 __all__ = ["VectorStore"]
 
-# Ids below this bound are mapped through a dense table (one int64 per possible id); larger ids
-# switch the map to a Python dict.
-DENSE_ID_LIMIT = 1 << 26
+# The id map is a dense table (one int64 per possible id, the fastest lookup) only while that table
+# is at most DENSE_SLACK times the number of stored ids (plus a small floor); sparse ids (database
+# keys, hashed or patient x slice numbers) switch it to sorted keys. Memory stays proportional to the
+# number of stored samples whatever their ids.
+DENSE_SLACK = 4
+DENSE_FLOOR = 1 << 16
 _INITIAL_CAPACITY = 1024
+_MERGE_MIN = 4096  # sorted mode: new ids wait in a small sorted side list until it holds this many
 
 
 class _IdMap:
-    """Map non-negative int64 sample ids to rows: a dense table on the store's device, or a dict."""
+    """Map non-negative int64 sample ids to rows, on the store's device.
+
+    Dense mode: ``table[id] = row``. Sorted mode: ``keys`` (sorted ids) and ``rows`` searched with
+    ``searchsorted``; new ids go to a small sorted side list merged into the main one when it holds
+    ``max(_MERGE_MIN, len(keys) // 32)``, so inserting costs O(log n) amortised and a lookup two
+    binary searches.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.table: torch.Tensor | None = torch.full((_INITIAL_CAPACITY,), -1, dtype=torch.int64, device=device)
-        self.dict: dict[int, int] | None = None
+        self.count = 0
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        self.keys, self.rows, self.side_keys, self.side_rows = empty, empty, empty, empty
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: (B,) int64 >= 0 -> rows (B,) int64, -1 for unknown ids."""
@@ -38,29 +50,48 @@ class _IdMap:
             inside = ids < self.table.shape[0]
             rows = self.table[ids.clamp_max(self.table.shape[0] - 1)]
             return torch.where(inside, rows, torch.full_like(rows, -1))
-        get = self.dict.get
-        return torch.tensor([get(i, -1) for i in ids.tolist()], dtype=torch.int64, device=ids.device)
+        rows = _sorted_lookup(self.keys, self.rows, ids)
+        if self.side_keys.numel():
+            rows = torch.where(rows >= 0, rows, _sorted_lookup(self.side_keys, self.side_rows, ids))
+        return rows
 
     def insert(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
-        """Record rows for new (unique) ids."""
+        """Record rows for new (unique, not yet stored) ids."""
         if ids.numel() == 0:
             return
+        self.count += ids.numel()
         if self.table is not None:
             top = int(ids.max())
-            if top >= DENSE_ID_LIMIT:
-                self._to_dict()
-            else:
+            if top < max(DENSE_FLOOR, DENSE_SLACK * self.count):
                 self.table = grow_table(self.table, top)
-        if self.table is not None:
-            self.table[ids] = rows
-        else:
-            self.dict.update(zip(ids.tolist(), rows.tolist()))
+                self.table[ids] = rows
+                return
+            self._to_sorted()
+        keys, order = torch.sort(torch.cat([self.side_keys, ids]))
+        self.side_keys, self.side_rows = keys, torch.cat([self.side_rows, rows])[order]
+        if self.side_keys.numel() >= max(_MERGE_MIN, self.keys.numel() // 32):
+            keys, order = torch.sort(torch.cat([self.keys, self.side_keys]))
+            self.keys, self.rows = keys, torch.cat([self.rows, self.side_rows])[order]
+            self.side_keys, self.side_rows = self.side_keys[:0], self.side_rows[:0]
 
-    def _to_dict(self) -> None:
-        known = (self.table >= 0).nonzero().squeeze(1)
-        self.dict = dict(zip(known.tolist(), self.table[known].tolist()))
+    def _to_sorted(self) -> None:
+        known = (self.table >= 0).nonzero().squeeze(1)  # ascending: already sorted
+        self.keys, self.rows = known, self.table[known]
         self.table = None
-        LOG.info("sample ids exceed %d; the id map switched to a dict", DENSE_ID_LIMIT)
+        LOG.info("sample ids are sparse (largest beyond %d x the stored count); the id map switched to sorted keys",
+                 DENSE_SLACK)
+
+    def nbytes(self) -> int:
+        parts = (self.table,) if self.table is not None else (self.keys, self.rows, self.side_keys, self.side_rows)
+        return sum(t.numel() * t.element_size() for t in parts)
+
+
+def _sorted_lookup(keys: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of ``ids`` in sorted ``keys``, -1 where absent."""
+    if keys.numel() == 0:
+        return torch.full_like(ids, -1)
+    pos = torch.searchsorted(keys, ids).clamp_max(keys.numel() - 1)
+    return torch.where(keys[pos] == ids, rows[pos], torch.full_like(ids, -1))
 
 
 class VectorStore:
@@ -136,12 +167,7 @@ class VectorStore:
 
     def nbytes(self) -> int:
         """Bytes held by the row tensors (at capacity) and the id map."""
-        total = sum(t.numel() * t.element_size() for t in (self.vectors, self.labels, self.ids))
-        if self._map.table is not None:
-            total += self._map.table.numel() * 8
-        else:
-            total += 100 * len(self._map.dict)
-        return total
+        return sum(t.numel() * t.element_size() for t in (self.vectors, self.labels, self.ids)) + self._map.nbytes()
 
     def load_rows(self, vectors: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
         """Replace the content by rows in the given order (used when loading a saved index)."""
