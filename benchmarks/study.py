@@ -104,7 +104,7 @@ class Study:
 
 def base_settings(study: Study) -> dict:
     return {"lr": study.lr, "weight_decay": study.weight_decay, "lam": study.lam, "margin": study.margin,
-            "warmup_epochs": study.warmup_epochs}
+            "warmup_epochs": study.warmup_epochs, "audit_every": 0}  # no arm searches with faiss
 
 
 def run_config(study: Study, dataset: str, model: str, arm: str, seed: int, params: dict, out: Path,

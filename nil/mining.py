@@ -55,10 +55,12 @@ class DistractorMiner:
         refresh_every: int = 200,
         need_positive: bool = False,
         audit_every: int = 0,
+        audit_queries: int = 32,
         index=None,
         shard=None,
     ):
         self.ann, self.need_positive, self.audit_every = ann, need_positive, audit_every
+        self.audit_queries = audit_queries  # the first rows of the (shuffled) batch: no random draw
         self.num_classes = num_classes
         self.index = index  # a prebuilt index (e.g. `nil train --index-from`), else made here
         if index is None and ann == "exact":
@@ -103,8 +105,12 @@ class DistractorMiner:
             if self.need_positive:
                 pos = self.index.search_same_class(z, labels, 1, query_ids=ids, return_vectors=True)
                 mined.positive, mined.positive_valid = pos.vectors[:, 0].to(z.dtype), pos.ids[:, 0] >= 0
-            if self.ann == "faiss" and self.audit_every and self.steps % self.audit_every == 0:
-                self._audit(z, labels, ids, res.ids[:, 0])
+            # every audit_every steps and at each epoch's second step (the memory of a first epoch is
+            # empty at its first); the same steps on every rank, as a sharded audit is collective
+            due = bool(self.audit_every) and (self.steps % self.audit_every == 0 or self.steps == 1)
+            if self.ann == "faiss" and due:
+                q = slice(0, self.audit_queries)
+                self._audit(z[q], labels[q], ids[q], res.ids[:self.audit_queries, 0])
         self.timings["mining_ms"] += (time.perf_counter() - start) * 1e3
         return mined
 
