@@ -64,7 +64,7 @@ class TrainConfig:
     ann: Ann = "exact"  # none: within the batch; exact: torch engine; faiss: FAISS engine
     ann_index: str = "auto"  # kind for --ann faiss; auto: the engine's default for the device
     refresh_every: int = 200  # steps between rebuilds of the approximate structure
-    audit_every: int = 50  # --ann faiss: steps between recall@1 audits of 32 queries against exact search (0: never)
+    audit_every: int = 200  # --ann faiss: steps between recall@1 audits of 32 queries against exact search (0: never)
     index_from: str | None = None  # start the memory from an index folder built by `nil index build`
     # run
     out: str = ""
