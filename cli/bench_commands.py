@@ -78,6 +78,63 @@ def bench_mining(ctx, ns, dim, classes, seed, batch, batches, warmup, device, me
     click.echo(f"wrote {out}, {Path(out).with_suffix('.md')} and {Path(out).with_suffix('.png')}")
 
 
+@bench.command("stream")
+@click.option("--n", "ns", default="1000000", show_default=True, callback=_ints("--n"),
+              help="Memory sizes N (stored vectors), comma-separated.")
+@click.option("--data", default="clusters,class-pure", show_default=True,
+              help="Data kinds, comma-separated: clusters, class-pure, trained:INDEX_DIR (embeddings of "
+                   "`nil index build`).")
+@click.option("--kind", default="auto", show_default=True, help="Index kind; auto: the engine's default.")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Index parameter (nprobe, rerank, nlist, ...); repeatable.")
+@click.option("--refresh-every", default=200, show_default=True, help="Steps between rebuilds of the structure.")
+@click.option("--cycles", default=2.0, show_default=True, help="Refresh cycles streamed.")
+@click.option("--batch", default=256, show_default=True, help="Queries (and upserted samples) per step.")
+@click.option("--classes", default=9, show_default=True, help="Classes of the synthetic data.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", default="benchmarks/results/stream.json", show_default=True, type=click.Path(),
+              help="Result JSON; the .md table and .png plot are written beside it. Rows already in it are kept.")
+@click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+@click.pass_context
+def bench_stream(ctx, ns, data, kind, params, refresh_every, cycles, batch, classes, seed, out, progress):
+    """The engine as training uses it: search then upsert moved vectors, step after step, over refresh cycles.
+
+    Records per step the time (p50 and max, refresh included) and recall@1 against exact-torch on
+    the same batches in the same run. Resumable: a rerun keeps the rows already written.
+    """
+    from benchmarks.stream import StreamBench, run_stream, stream_markdown
+    from faiss_index import IndexFormatError, IndexInputError
+
+    given = {}
+    for p in params:
+        name, sep, value = p.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{p!r} is not NAME=VALUE", param_hint="--param")
+        given[name] = _number(value)
+    for d in _words(data) or ():
+        if d not in ("clusters", "class-pure") and not d.startswith("trained:"):
+            raise click.BadParameter(f"{d!r}: use clusters, class-pure or trained:INDEX_DIR", param_hint="--data")
+    cfg = StreamBench(ns=ns, data=_words(data) or (), kind=kind, params=given, refresh_every=refresh_every,
+                      cycles=cycles, batch=batch, classes=classes, seed=seed, out=out, progress=progress)
+    if any(batch > n for n in ns):
+        raise click.BadParameter(f"a batch of {batch} needs N >= {batch}", param_hint="--batch")
+    try:
+        result = run_stream(cfg, command=_invocation(ctx))
+    except (ValueError, IndexFormatError, IndexInputError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(stream_markdown(result))
+    click.echo(f"wrote {out}, {Path(out).with_suffix('.md')} and {Path(out).with_suffix('.png')}")
+
+
+def _number(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
 @bench.command("train")
 @click.option("--memory", default="10000,100000,1000000", show_default=True, callback=_ints("--memory"),
               help="Memory sizes (samples held by the miner), comma-separated.")
