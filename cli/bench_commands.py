@@ -89,6 +89,7 @@ def bench_mining(ctx, ns, dim, classes, seed, batch, batches, warmup, device, me
               help="Index parameter (nprobe, rerank, nlist, ...); repeatable.")
 @click.option("--refresh-every", default=200, show_default=True, help="Steps between rebuilds of the structure.")
 @click.option("--cycles", default=2.0, show_default=True, help="Refresh cycles streamed.")
+@click.option("--exact-every", default=2, show_default=True, help="Steps between exact searches (recall, exact ms).")
 @click.option("--batch", default=256, show_default=True, help="Queries (and upserted samples) per step.")
 @click.option("--classes", default=9, show_default=True, help="Classes of the synthetic data.")
 @click.option("--seed", default=0, show_default=True)
@@ -96,7 +97,7 @@ def bench_mining(ctx, ns, dim, classes, seed, batch, batches, warmup, device, me
               help="Result JSON; the .md table and .png plot are written beside it. Rows already in it are kept.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 @click.pass_context
-def bench_stream(ctx, ns, data, kind, params, refresh_every, cycles, batch, classes, seed, out, progress):
+def bench_stream(ctx, ns, data, kind, params, refresh_every, cycles, exact_every, batch, classes, seed, out, progress):
     """The engine as training uses it: search then upsert moved vectors, step after step, over refresh cycles.
 
     Records per step the time (p50 and max, refresh included) and recall@1 against exact-torch on
@@ -115,7 +116,7 @@ def bench_stream(ctx, ns, data, kind, params, refresh_every, cycles, batch, clas
         if d not in ("clusters", "class-pure") and not d.startswith("trained:"):
             raise click.BadParameter(f"{d!r}: use clusters, class-pure or trained:INDEX_DIR", param_hint="--data")
     cfg = StreamBench(ns=ns, data=_words(data) or (), kind=kind, params=given, refresh_every=refresh_every,
-                      cycles=cycles, batch=batch, classes=classes, seed=seed, out=out, progress=progress)
+                      cycles=cycles, exact_every=max(1, exact_every), batch=batch, classes=classes, seed=seed, out=out, progress=progress)
     if any(batch > n for n in ns):
         raise click.BadParameter(f"a batch of {batch} needs N >= {batch}", param_hint="--batch")
     try:

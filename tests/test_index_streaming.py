@@ -83,7 +83,7 @@ def test_a_sample_never_returns_itself_and_label_changes_are_respected():
 
 def test_refresh_every_counts_upserts():
     x, y = base_data(seed=3)
-    index = FaissIndex(DIM, 3, kind="ivf", refresh_every=3)
+    index = FaissIndex(DIM, 3, kind="ivf", refresh_every=3, background=False)
     for i in range(7):
         index.upsert(torch.arange(i * 50, i * 50 + 50), x[i * 50:(i + 1) * 50], y[i * 50:(i + 1) * 50])
         expected_delta = 50 * ((i + 1) % 3)
@@ -94,6 +94,89 @@ def test_refresh_every_counts_upserts():
     assert index.delta_size == 50 and len(index) == 350
     index.upsert(torch.arange(300, 350), x[300:350], y[300:350])  # third call since the refresh
     assert index.delta_size == 0 and index.engine.ntotal == 350
+
+
+def test_a_background_rebuild_is_swapped_in_at_a_fixed_step_and_newer_rows_stay_in_the_delta():
+    x, y = base_data(seed=3)
+    index = FaissIndex(DIM, 3, kind="ivf", refresh_every=8)  # swap 8 // 4 = 2 upserts after the start
+    assert index.background
+    for i in range(8):
+        index.upsert(torch.arange(i * 50, i * 50 + 50), x[i * 50:(i + 1) * 50], y[i * 50:(i + 1) * 50])
+    assert index._job is not None and not index.engine.built and index.delta_size == 400  # old structure in use
+    index.upsert(torch.arange(400, 450), x[400:450], y[400:450])
+    assert index._job is not None and index.delta_size == 450
+    index.upsert(torch.arange(0, 50), x[:50] * 0.5, y[:50])  # second upsert: swapped
+    assert index._job is None and index.engine.ntotal == 400 and index.last_refresh_s > 0
+    assert index.delta_size == 100  # rows 400-449 (new) and 0-49 (moved) were written after the start
+    r = index.search_other_class(x[:50] * 0.5, y[:50], 1, query_ids=torch.arange(50), return_vectors=True)
+    exact = make_index("exact", DIM, 3)
+    exact.upsert(torch.arange(450), torch.cat([x[:50] * 0.5, x[50:450]]), y[:450])
+    want = exact.search_other_class(x[:50] * 0.5, y[:50], 1, query_ids=torch.arange(50))
+    assert (r.distances[:, 0] >= want.distances[:, 0] - 1e-5).all()  # never closer than the truth: fresh vectors
+
+
+def test_background_rebuilds_are_reproducible():
+    x, y = base_data(n=2000, seed=5)
+
+    def stream(background):
+        index = make_index("ivfpq", DIM, 3, refresh_every=8, background=background)
+        index.upsert(torch.arange(2000), x, y)
+        index.build()
+        g = torch.Generator().manual_seed(1)
+        out = []
+        for step in range(40):
+            rows = torch.randperm(2000, generator=g)[:64]
+            v = x[rows] + 0.05 * torch.randn(64, DIM, generator=g)
+            r = index.search_other_class(v, y[rows], 2, query_ids=rows)
+            out.append((r.ids, r.distances))
+            index.upsert(rows, v, y[rows])
+            x[rows] = v
+        return out
+
+    x0 = x.clone()
+    a = stream(True)
+    x.copy_(x0)
+    b = stream(True)
+    assert all(torch.equal(i, j) and torch.equal(d, e) for (i, d), (j, e) in zip(a, b))
+
+
+def test_a_failed_background_rebuild_is_raised_at_the_swap_and_the_index_still_answers(monkeypatch):
+    x, y = base_data(seed=6)
+    index = FaissIndex(DIM, 3, kind="ivf", refresh_every=4)
+    index.upsert(torch.arange(300), x[:300], y[:300])
+    index.build()
+    engine_type = type(index.engine)
+
+    def broken(self, prepared):
+        raise RuntimeError("out of memory while rebuilding")
+
+    monkeypatch.setattr(engine_type, "build_prepared", broken)
+    for i in range(4):
+        index.upsert(torch.arange(i * 10, i * 10 + 10), x[i * 10:i * 10 + 10], y[i * 10:i * 10 + 10])
+    with pytest.raises(RuntimeError, match="out of memory while rebuilding"):
+        index.upsert(torch.arange(300, 310), x[300:310], y[300:310])
+    monkeypatch.undo()
+    assert index.engine.ntotal == 300 and len(index) == 310
+    r = index.search_other_class(x[:5], y[:5], 1, query_ids=torch.arange(5))
+    assert (r.ids[:, 0] >= 0).all()
+
+
+def test_saving_during_a_background_rebuild_finishes_it_first(tmp_path):
+    from faiss_index import load_index, save_index
+
+    x, y = base_data(seed=7)
+    index = FaissIndex(DIM, 3, kind="ivfpq", refresh_every=4)
+    for i in range(4):  # the fourth upsert starts a rebuild
+        index.upsert(torch.arange(i * 100, i * 100 + 100), x[i * 100:(i + 1) * 100], y[i * 100:(i + 1) * 100])
+    assert index._job is not None
+    save_index(index, tmp_path / "idx", classes=["a", "b", "c"])
+    assert index._job is None
+    loaded, _ = load_index(tmp_path / "idx")
+    for ix in (index, loaded):
+        ix.upsert(torch.arange(400, 600), x[400:600], y[400:600])
+    a = index.search_other_class(x[:100], y[:100], 3, query_ids=torch.arange(100))
+    b = loaded.search_other_class(x[:100], y[:100], 3, query_ids=torch.arange(100))
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.distances, b.distances)
 
 
 def test_bulk_load_then_build_has_no_per_batch_cost():

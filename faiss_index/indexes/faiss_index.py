@@ -5,7 +5,10 @@ faiss structure (built at the last refresh) are stale, so they are skipped there
 are searched exactly (:func:`knn_other_class`) in the delta instead. Candidates from both
 are re-ranked with the freshest stored vectors, so a stale structure costs recall, never
 correctness. Every ``refresh_every`` upserts (or on :meth:`refresh` / :meth:`build`) the
-structure is rebuilt from the store and the delta emptied.
+structure is rebuilt from the store and the delta emptied. The CPU IVF engine (kinds "ivf" and
+"ivfpq", the CPU default) rebuilds in a background thread instead, so no training step waits for a
+rebuild: searches use the old structure until the new one is swapped in, a fixed number of upserts
+later, and the rows written in between stay in the delta.
 
 The structure never changes between refreshes, which sidesteps what GPU faiss indexes cannot do
 (no ``remove_ids``, no ``add_with_ids`` on GpuIndexFlat): faiss ids are store rows (or positions
@@ -13,8 +16,11 @@ mapped to rows) and every build starts from scratch.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +48,13 @@ class FaissIndex(BaseIndex):
         kind: "flat", "ivf", "ivfpq", "hnsw" (CPU only) or "cagra" (CUDA with cuVS).
         device: "cpu" or "cuda[:N]"; "cuda" without an index spreads class shards over all GPUs.
         refresh_every: rebuild the structure after this many upsert calls (0 = only on request).
+        background: rebuild in a thread and swap the new structure in ``refresh_every // 4`` upserts
+            later (None: wherever the engine supports it, i.e. ivf / ivfpq on CPU).
         **params: see :class:`IndexParams` (nlist, nprobe, m, nbits, rerank, efSearch, strategy, ...).
     """
 
     def __init__(self, dim: int, num_classes: int, kind: str = "ivf", device: str | torch.device = "cpu",
-                 refresh_every: int = 200, **params: Any):
+                 refresh_every: int = 200, background: bool | None = None, **params: Any):
         if kind not in FAISS_KINDS:
             raise IndexInputError(f"unknown faiss kind {kind!r}; kinds are {', '.join(KINDS)}.")
         if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 0:
@@ -90,6 +98,13 @@ class FaissIndex(BaseIndex):
         self.delta = DeltaBuffer(dim, self.device)
         self._steps = 0
         self.last_refresh_s: float | None = None
+        # The CPU IVF engine rebuilds in a background thread (see _start_rebuild); others in the step.
+        can = hasattr(self.engine, "build_prepared")
+        if background and not can:
+            raise IndexInputError(f"a background rebuild needs the CPU IVF engine (kind ivf or ivfpq on CPU); "
+                                  f"this index uses {type(self.engine).__name__}.")
+        self.background = can if background is None else bool(background)
+        self._job: _Rebuild | None = None
         self._update_params()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -109,17 +124,58 @@ class FaissIndex(BaseIndex):
         """
         rows = self.store.upsert(ids, vectors, labels, self.num_classes)
         s = self.store
-        self.delta.write(rows, s.vectors[rows], s.labels[rows], s.ids[rows])
+        fresh = (rows, s.vectors[rows], s.labels[rows], s.ids[rows])
+        self.delta.write(*fresh)
+        if self._job is not None:
+            self._job.since.write(*fresh)
         self._steps += 1
+        if self._job is not None and self._steps >= self._job.swap_at:
+            self._finish_rebuild()
         if self.refresh_every and self._steps >= self.refresh_every:
-            self.refresh()
+            if self.background:
+                self._start_rebuild()
+            else:
+                self.refresh()
         return rows
+
+    # ------------------------------------------------------------------ background rebuild
+    def _start_rebuild(self) -> None:
+        """Rebuild a copy of the engine in a thread from the store as it is now; searches go on with
+        the current structure. The copy is swapped in ``refresh_every // 4`` upserts later (waiting
+        for it only if it is not done by then), at the same step whatever the timing, so a seeded
+        run stays reproducible. Rows written meanwhile stay in the exact delta after the swap."""
+        self._finish_rebuild()
+        n = len(self.store)
+        engine = copy.copy(self.engine)
+        prepared = engine.prepare(self.store.vectors[:n], self.store.labels[:n], self.delta.changed(n))
+        job = _Rebuild(engine=engine, since=DeltaBuffer(self.dim, self.device),
+                       swap_at=max(1, self.refresh_every // 4))
+        follow_torch_threads(self._faiss)
+        job.thread = threading.Thread(target=job.run, args=(prepared,), name="faiss-index-rebuild", daemon=True)
+        self._job = job
+        self._steps = 0
+        job.thread.start()
+
+    def _finish_rebuild(self) -> None:
+        """Swap in the structure being built (waiting for it if needed); no-op without one."""
+        job, self._job = self._job, None
+        if job is None:
+            return
+        job.thread.join()
+        if job.error is not None:
+            raise job.error
+        self.engine = job.engine
+        self.delta = job.since
+        self.last_refresh_s = job.seconds
+        self._update_params()
+        LOG.debug("swapped in the %s structure rebuilt in the background in %.3f s", self.kind, job.seconds)
 
     # ------------------------------------------------------------------ state
     def construct_args(self) -> dict:
         return {**self._user_params.as_dict(), "refresh_every": self.refresh_every}
 
     def state(self) -> dict:
+        self._finish_rebuild()  # a saved index holds a finished structure and its delta
         return {**super().state(), "strategy": self.strategy, "steps_since_refresh": self._steps}
 
     def delta_rows(self) -> torch.Tensor:
@@ -155,7 +211,8 @@ class FaissIndex(BaseIndex):
         self._update_params()
 
     def refresh(self) -> None:
-        """Rebuild the faiss structure from every stored row and empty the delta."""
+        """Rebuild the faiss structure from every stored row and empty the delta (now, in this thread)."""
+        self._finish_rebuild()
         t0 = time.perf_counter()
         follow_torch_threads(self._faiss)
         vectors, labels, _ = self.store.view()
@@ -207,3 +264,23 @@ class FaissIndex(BaseIndex):
         return (f"FaissIndex(kind={self.kind!r}, strategy={self.strategy!r}, dim={self.dim}, "
                 f"num_classes={self.num_classes}, device={str(self.device)!r}, n={len(self)}, "
                 f"delta={len(self.delta)})")
+
+
+@dataclass
+class _Rebuild:
+    """A structure being rebuilt in a thread: the engine copy, the rows written since it started."""
+
+    engine: Any
+    since: DeltaBuffer
+    swap_at: int
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+    seconds: float = 0.0
+
+    def run(self, prepared: dict) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.engine.build_prepared(prepared)
+        except BaseException as e:  # re-raised in the training thread at the swap
+            self.error = e
+        self.seconds = time.perf_counter() - t0

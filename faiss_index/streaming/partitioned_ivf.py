@@ -77,11 +77,36 @@ class PartitionedIVF(Engine):
 
     # ------------------------------------------------------------------ build
     def build(self, vectors: torch.Tensor, labels: torch.Tensor, changed: torch.Tensor | None = None) -> None:
-        faiss = self.faiss
-        vectors = vectors.detach().to("cpu", torch.float32)
-        labels = labels.detach().to("cpu")
+        self.build_prepared(self.prepare(vectors, labels, changed))
+
+    def prepare(self, vectors: torch.Tensor, labels: torch.Tensor, changed: torch.Tensor | None = None) -> dict:
+        """Everything a build reads that may change while it runs, copied now: the labels, each
+        class's k-means sample and the PQ check sample (a few hundred thousand rows at most).
+
+        :meth:`build_prepared` then reads ``vectors`` live only to assign and encode rows, so a
+        build in a background thread depends on the store as it was here, except for rows written
+        meanwhile (the index keeps those in its exact delta and ignores them in this structure).
+        """
+        vectors = vectors.detach()
+        labels = labels.detach().to("cpu").clone()
         counts = torch.bincount(labels, minlength=self.num_classes).tolist()
         self._resolve(counts)
+        r = self.resolved
+        rows = [(labels == c).nonzero().squeeze(1) for c in range(self.num_classes)]
+        samples = [None if not r["nlist_per_class"][c] else vectors[rows[c][seeded_sample(
+            counts[c], r["max_points_per_centroid"] * r["nlist_per_class"][c], r["seed"] + 7919 * c
+        )].to(vectors.device)].to("cpu", torch.float32) for c in range(self.num_classes)]
+        pq_sample = None
+        if self.kind == "ivfpq" and labels.shape[0]:
+            pick = seeded_sample(labels.shape[0], _PQ_TRAIN_ROWS, r["seed"] + 1).to(vectors.device)
+            pq_sample = vectors[pick].to("cpu", torch.float32)
+        return {"vectors": vectors, "labels": labels, "counts": counts, "rows": rows, "samples": samples,
+                "pq_sample": pq_sample, "changed": None if changed is None else changed.detach().cpu().clone()}
+
+    def build_prepared(self, job: dict) -> None:
+        """Build from :meth:`prepare`'s snapshot (safe to run in a thread while searches use another copy)."""
+        faiss = self.faiss
+        vectors, labels, counts = job["vectors"], job["labels"], job["counts"]
         r = self.resolved
         old_cent, old_nlist = self.centroids, self.nlist_per_class
         cents, list_class, nlists = [], [], []
@@ -89,7 +114,6 @@ class PartitionedIVF(Engine):
         offset = 0
         old_offset = 0
         for c in range(self.num_classes):
-            n_c = counts[c]
             nl = r["nlist_per_class"][c]
             prev_nl = old_nlist[c] if c < len(old_nlist) else 0
             init = old_cent[old_offset:old_offset + prev_nl] if prev_nl == nl and nl else None
@@ -97,13 +121,11 @@ class PartitionedIVF(Engine):
             nlists.append(nl)
             if not nl:
                 continue
-            rows_c = (labels == c).nonzero().squeeze(1)
-            xs = vectors[rows_c]
-            sample = xs[seeded_sample(n_c, r["max_points_per_centroid"] * nl, r["seed"] + 7919 * c)]
+            rows_c = job["rows"][c]
             # A refresh starts from the previous centroids, so fewer iterations suffice.
             niter = r["niter"] if init is None else max(4, r["niter"] // 3)
-            cent = kmeans(sample, nl, niter=niter, seed=r["seed"] + c, init=init)
-            a, _ = assign(xs, cent)
+            cent = kmeans(job["samples"][c], nl, niter=niter, seed=r["seed"] + c, init=init)
+            a, _ = assign(vectors[rows_c.to(vectors.device)].to("cpu", torch.float32), cent)
             list_no[rows_c] = a + offset
             cents.append(cent)
             list_class.append(torch.full((nl,), c, dtype=torch.int64))
@@ -113,24 +135,26 @@ class PartitionedIVF(Engine):
             self.index, self._quantizer, self.built, self.ntotal = None, None, False, 0
             self.centroids = torch.empty(0, self.dim)
             return
-        self.centroids = torch.cat(cents)
-        self.list_class = torch.cat(list_class)
-        self.list_size = torch.bincount(list_no, minlength=offset)
+        centroids = torch.cat(cents)
         ids = torch.arange(labels.shape[0], dtype=torch.int64)
+        cpu_vectors = vectors.to("cpu", torch.float32)
         if self.kind == "ivf":
-            index, quantizer = build_ivf(faiss, "ivf", vectors, self.centroids, list_no, ids)
+            index, quantizer = build_ivf(faiss, "ivf", cpu_vectors, centroids, list_no, ids)
         else:
-            pq_cent, codes = self._codes_for(vectors, changed)
-            index, quantizer = build_ivf(faiss, "ivfpq", vectors, self.centroids, list_no, ids, m=r["m"],
+            pq_cent, codes = self._codes_for(cpu_vectors, job["changed"], job["pq_sample"])
+            index, quantizer = build_ivf(faiss, "ivfpq", cpu_vectors, centroids, list_no, ids, m=r["m"],
                                          nbits=r["nbits"], pq_centroids=pq_cent, codes=codes,
                                          fast_scan=r["nbits"] == 4)
+        self.centroids = centroids
+        self.list_class = torch.cat(list_class)
+        self.list_size = torch.bincount(list_no, minlength=offset)
         self.index, self._quantizer = index, quantizer
         self._c_sq = (self.centroids * self.centroids).sum(1)
         self.ntotal = int(labels.shape[0])
         self.built = True
-        self.resolved["nlist_total"] = offset
+        self.resolved = {**r, "nlist_total": offset}
 
-    def _codes_for(self, vectors: torch.Tensor, changed: torch.Tensor | None):
+    def _codes_for(self, vectors: torch.Tensor, changed: torch.Tensor | None, sample: torch.Tensor):
         """PQ codebook and packed codes (N, code_size) uint8 of every row.
 
         The codes are not residual, so they do not depend on the coarse lists: while the codebook
@@ -140,8 +164,7 @@ class PartitionedIVF(Engine):
         """
         r = self.resolved
         n = vectors.shape[0]
-        sample = vectors[seeded_sample(n, _PQ_TRAIN_ROWS, r["seed"] + 1)]
-        cb = self._pq
+        cb = dict(self._pq) if self._pq is not None else None  # a copy: another engine may share the old one
         reuse = (cb is not None and changed is not None and cb["shape"] == (r["m"], r["nbits"])
                  and cb["codes"].shape[0] <= n and pq_mse(sample, cb["centroids"]) <= _PQ_RETRAIN_RATIO * cb["mse"])
         if reuse:
