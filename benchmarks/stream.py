@@ -93,13 +93,14 @@ def run_stream(cfg: StreamBench, command: str) -> dict:
         old = {_row_key(r): r for r in json.loads(out.read_text()).get("rows", []) if "params_given" in r}
     kind = faiss_index.resolve_kind(cfg.kind, cfg.device)
     started = time.time()
-    result = envelope(command, settings=asdict(cfg) | {"kind": kind, "steps": cfg.steps}, rows=[])
+    # rows of other settings already in the file stay (an earlier command's); this command's are
+    # measured unless present
+    result = envelope(command, settings=asdict(cfg) | {"kind": kind, "steps": cfg.steps}, rows=list(old.values()))
     for n in cfg.ns:
         for data in cfg.data:
             key = (kind, data, n, cfg.steps, tuple(sorted(cfg.params.items())))
             if key in old:
                 LOG.info("skipping %s (already measured)", key)
-                result["rows"].append(old[key])
                 continue
             result["rows"].append(_stream_row(cfg, kind, data, n))
             close_envelope(result, started)

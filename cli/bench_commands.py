@@ -192,6 +192,9 @@ def _invocation(ctx: click.Context) -> str:
         elif p.is_flag:
             if value:
                 parts.append(p.opts[0])
+        elif p.multiple:  # repeatable: once per value, none when not given
+            for v in value:
+                parts += [p.opts[0], shlex.quote(str(v))]
         else:
             text = ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
             parts += [p.opts[0], shlex.quote(text)]

@@ -172,3 +172,57 @@ def test_large_size_streams_its_vectors_and_finds_the_same_truth(monkeypatch, tm
     at_large = {r["method"]: r for r in res["rows"] if r["n"] == 3000}
     assert "skipped" in at_large["exact-torch"]
     assert at_large["ivfpq"]["recall_at_1"] > 0.5 and at_large["ivfpq"]["ms_per_batch"] > 0
+
+
+def test_stream_records_every_step_and_a_rerun_keeps_finished_rows(tmp_path):
+    out = tmp_path / "stream.json"
+    args = ["bench", "stream", "--n", "3000", "--data", "clusters,class-pure", "--refresh-every", "4", "--cycles", "2",
+            "--batch", "64", "--no-progress", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    res = json.loads(out.read_text())
+    assert [r["data"] for r in res["rows"]] == ["clusters", "class-pure"]
+    for r in res["rows"]:
+        assert r["steps"] == 8 and len(r["per_step"]["step_ms"]) == 8
+        assert r["max_ms"] >= r["p50_ms"] > 0 and r["exact_ms"] > 0
+        assert 0.0 <= r["recall_min"] <= r["recall_at_1"] <= 1.0
+        assert r["peak_rss_mb"] is None or r["peak_rss_mb"] > 0
+    assert {g["goal"].split(":")[0] for g in res["goals"]} == set()  # goals are stated at N = 1M only
+    assert (tmp_path / "stream.md").exists() and (tmp_path / "stream.png").read_bytes()[:4] == b"\x89PNG"
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and json.loads(out.read_text())["rows"] == res["rows"]  # not re-measured
+    other = CliRunner().invoke(main, [*args[:5], "clusters", *args[6:], "--param", "rerank=8"])  # another setting
+    assert other.exit_code == 0, other.output
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[:2] == res["rows"] and len(rows) == 3 and rows[2]["params"]["rerank"] == 8
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["--data", "pixels"], "--data"),
+    (["--param", "nprobe"], "--param"),
+    (["--n", "100", "--batch", "256"], "--batch"),
+])
+def test_stream_rejects_bad_options(tmp_path, args, hint):
+    result = CliRunner().invoke(main, ["bench", "stream", "--out", str(tmp_path / "s.json"), *args])
+    assert result.exit_code == 2 and hint in result.output
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_stream_reads_trained_embeddings_from_an_index_folder(tmp_path):
+    from faiss_index import make_index, save_index
+    from faiss_index.synthetic import clustered
+
+    x, y = clustered(3000, 16, 9, clusters_per_class=5, seed=2)
+    index = make_index("exact", 16, 9)
+    index.upsert(torch.arange(3000), x, y)
+    save_index(index, tmp_path / "idx", classes=[str(c) for c in range(9)])
+    out = tmp_path / "stream.json"
+    result = CliRunner().invoke(main, ["bench", "stream", "--n", "2000", "--data", f"trained:{tmp_path / 'idx'}",
+                                       "--refresh-every", "2", "--cycles", "1", "--batch", "32", "--no-progress",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    row, = json.loads(out.read_text())["rows"]
+    assert row["data"].startswith("trained:") and row["n"] == 2000
+    too_many = CliRunner().invoke(main, ["bench", "stream", "--n", "5000", "--data", f"trained:{tmp_path / 'idx'}",
+                                         "--no-progress", "--out", str(tmp_path / "s2.json")])
+    assert too_many.exit_code == 1 and "fewer than --n 5,000" in too_many.output

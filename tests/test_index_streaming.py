@@ -277,3 +277,17 @@ def test_refresh_reuses_the_codebook_and_re_encodes_changed_rows():
     index.refresh()
     assert index.engine._pq["centroids"] is not book
     assert len(index.delta) == 0 and index.delta.rows.shape[0] <= 1 << 17
+
+
+def test_a_process_that_ends_during_a_background_rebuild_exits_cleanly():
+    """The rebuild thread is joined at exit: no "terminate called without an active exception" abort."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from faiss_index import make_index\n"
+            "x = torch.nn.functional.normalize(torch.randn(20000, 16), dim=1); y = torch.randint(0, 3, (20000,))\n"
+            "ix = make_index('ivfpq', 16, 3, refresh_every=2)\n"
+            "ix.upsert(torch.arange(20000), x, y); ix.upsert(torch.arange(100), x[:100], y[:100])\n"
+            "assert ix._job is not None\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "terminate" not in run.stderr, run.stderr[-1000:]

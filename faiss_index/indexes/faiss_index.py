@@ -151,7 +151,9 @@ class FaissIndex(BaseIndex):
         job = _Rebuild(engine=engine, since=DeltaBuffer(self.dim, self.device),
                        swap_at=max(1, self.refresh_every // 4))
         follow_torch_threads(self._faiss)
-        job.thread = threading.Thread(target=job.run, args=(prepared,), name="faiss-index-rebuild", daemon=True)
+        # not a daemon: the interpreter's exit waits for it (a daemon thread still inside faiss / OpenMP
+        # when the process ends aborts it with "terminate called without an active exception")
+        job.thread = threading.Thread(target=job.run, args=(prepared,), name="faiss-index-rebuild")
         self._job = job
         self._steps = 0
         job.thread.start()
