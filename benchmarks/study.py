@@ -118,6 +118,7 @@ def run_config(study: Study, dataset: str, model: str, arm: str, seed: int, para
 
 
 RETIRED_FIELDS = {"extra": {}}  # TrainConfig fields removed after runs were written, with the value they had
+ADDED_FIELDS = {"pretrained": False}  # fields added after runs were written: left out of the key at this value
 
 
 def run_key(stage: str, cfg: TrainConfig) -> str:
@@ -125,9 +126,10 @@ def run_key(stage: str, cfg: TrainConfig) -> str:
 
     Every field of the config is hashed, so a new field, or a changed default of a field the study
     does not set, starts the study afresh: the arms set every method option they depend on. A field
-    removed from the config since keeps its last value in the key (:data:`RETIRED_FIELDS`), so the
-    runs already written stay valid."""
-    d = RETIRED_FIELDS | cfg.to_dict()
+    removed from the config since keeps its last value in the key (:data:`RETIRED_FIELDS`), and a field
+    added since is left out while it has the value the old runs implied (:data:`ADDED_FIELDS`), so
+    the runs already written stay valid."""
+    d = RETIRED_FIELDS | {k: v for k, v in cfg.to_dict().items() if k not in ADDED_FIELDS or ADDED_FIELDS[k] != v}
     d.pop("out"), d.pop("progress")
     d["data"] = Path(d["data"]).name
     blob = json.dumps([stage, d], sort_keys=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -56,7 +57,48 @@ def demo(out, n, epochs, seed, device, progress):
         click.echo(f"run {name}: {r['out']}")
 
 
+def _read_config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--config FILE``: every other option's default from a YAML mapping of long option names
+    (``batch-size`` or ``batch_size``); options given on the command line still win."""
+    if value is None:
+        return None
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise click.BadParameter(f"cannot read {value}: {e.strerror or e}", param_hint="--config") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise click.BadParameter(f"{value} is not valid YAML{at}", param_hint="--config") from None
+    loaded = {} if loaded is None else loaded
+    if not isinstance(loaded, dict):
+        raise click.BadParameter(f"{value} must hold a mapping of option names to values, e.g. 'epochs: 30'",
+                                 param_hint="--config")
+    by_name = {}
+    for p in ctx.command.params:
+        if isinstance(p, click.Option) and p.name not in ("config", "resume_dir"):
+            for opt in p.opts:
+                if opt.startswith("--"):
+                    by_name[opt[2:].replace("-", "_")] = p
+    defaults = {}
+    for key, v in loaded.items():
+        p = by_name.get(str(key).replace("-", "_"))
+        if p is None:
+            raise click.BadParameter(f"{value}: unknown option {key!r}", param_hint="--config")
+        if p.name == "csv_label_cols" and isinstance(v, list):
+            v = ",".join(map(str, v))
+        defaults[p.name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
 @click.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+              callback=_read_config_file,
+              help="YAML file of options (long names: 'batch-size: 64'); the command line overrides it. A run "
+                   "folder's config.yaml repeats that run.")
 @_data_options
 @click.option("--out", default="", type=click.Path(), help="Run folder to create (must not exist or be empty).")
 @click.option("--resume", "resume_dir", default=None, type=click.Path(),
@@ -68,6 +110,9 @@ def demo(out, n, epochs, seed, device, progress):
 @click.option("--model", default=DEFAULT.model, show_default=True,
               type=click.Choice(MODELS))
 @click.option("--weights", default=None, type=click.Path(), help="Local state dict to start from (nothing is downloaded).")
+@click.option("--pretrained/--no-pretrained", default=DEFAULT.pretrained, show_default=True,
+              help="Start the backbone from its published ImageNet weights (torchvision's weights API; downloaded "
+                   "once into its cache) and normalise inputs with ImageNet's mean and std.")
 @click.option("--epochs", default=DEFAULT.epochs, show_default=True)
 @click.option("--batch-size", default=DEFAULT.batch_size, show_default=True)
 @click.option("--lr", default=DEFAULT.lr, show_default=True, help="AdamW learning rate.")
@@ -131,6 +176,8 @@ def train(**kw):
         ctx = click.get_current_context()
         given = [name for name in kw if name != "progress"
                  and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if ctx.get_parameter_source("config_file") == click.core.ParameterSource.COMMANDLINE:
+            given.insert(0, "config")
         if given:
             raise click.UsageError(f"--resume continues the run exactly as configured in {resume_dir}/config.json; "
                                    f"drop --{given[0].replace('_', '-')}")

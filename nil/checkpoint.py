@@ -59,6 +59,10 @@ def save_json(obj: Any, path: str | Path) -> None:
     _atomic_write(Path(path), lambda fh: json.dump(obj, fh, indent=2), "w")
 
 
+def save_text(text: str, path: str | Path) -> None:
+    _atomic_write(Path(path), lambda fh: fh.write(text), "w")
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a nil checkpoint on the CPU, refusing anything that is not one with a clear message."""
     path = Path(path)

@@ -27,6 +27,10 @@ LOSSES, VARIANTS, DISTRACTORS, ANNS = get_args(Loss), get_args(Variant), get_arg
 METRICS, PRECISIONS, SPLITS = get_args(Metric), get_args(Precision), get_args(Split)
 
 
+OPTION_OF_FIELD = {"lam": "lambda"}  # fields whose `nil train` option has another name
+NOT_OPTIONS = ("evaluate_test",)  # set by library callers (the study), not by `nil train`
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -45,6 +49,7 @@ class TrainConfig:
     model: Model = "resnet18"
     embed_dim: int = 128  # width of the L2-normalised embedding z
     weights: str | None = None  # local state dict to start from; nothing is downloaded
+    pretrained: bool = False  # start from the backbone's published ImageNet weights (torchvision's cache)
     # optimisation
     epochs: int = 20
     batch_size: int = 128
@@ -109,6 +114,10 @@ class TrainConfig:
              and self.val_fraction + self.test_fraction < 1, "split fractions must lie in [0, 1) and sum below 1"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device must be auto, cpu or cuda"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be non-negative"),
+            (not (self.pretrained and self.weights), "--pretrained and --weights both choose the starting weights; "
+             "drop one"),
+            (not (self.pretrained and self.model == "small_cnn"), "--pretrained needs a torchvision backbone; "
+             "small_cnn has no published weights"),
         ]
         for ok, message in checks:
             if not ok:
@@ -127,6 +136,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_options(self) -> dict:
+        """The configuration as `nil train` options (long names without dashes in front), the content of
+        RUN_DIR/config.yaml: ``nil train --config RUN_DIR/config.yaml --out NEW`` repeats the run."""
+        return {OPTION_OF_FIELD.get(k, k).replace("_", "-"): v for k, v in self.to_dict().items()
+                if k not in NOT_OPTIONS}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -10,7 +10,7 @@ import torch
 
 from nil.data import make_transform
 from nil.evaluate import load_model, open_with_checkpoint
-from nil.loaders import make_loader
+from nil.loaders import checkpoint_loader
 from nil.predict import predict
 from nil.runtime import resolve_device
 
@@ -21,8 +21,7 @@ def embed_split(checkpoint: str | Path, data: str | None = None, split: str = "t
     dev = resolve_device(device)
     model, ckpt, cfg, ds = open_with_checkpoint(checkpoint, data, fmt, dev)
     samples = ds.split(split)
-    loader = make_loader(samples, train=False, cfg=cfg, image_size=ckpt["model_spec"]["image_size"], channels=ds.channels,
-                         device=dev, batch_size=batch_size)
+    loader = checkpoint_loader(samples, ckpt, cfg=cfg, channels=ds.channels, device=dev, batch_size=batch_size)
     p = predict(model, loader, dev, progress=progress, desc=f"embed {split}")
     return {"vectors": p.z, "labels": p.labels, "ids": p.ids, "keys": [str(k) for k in samples.keys],
             "classes": ds.classes, "source": f"{cfg.data}:{split}"}
@@ -36,7 +35,7 @@ class ImageEmbedder:
         spec = ckpt["model_spec"]
         self.device, self.dim = device, spec["embed_dim"]
         self.mode = "L" if spec["in_channels"] == 1 else "RGB"  # what a PIL image is converted to
-        self.transform = make_transform(False, spec["image_size"], spec["in_channels"])
+        self.transform = make_transform(False, spec["image_size"], spec["in_channels"], spec.get("normalize"))
 
     def pixels(self, image) -> np.ndarray:
         """A PIL image as the (H, W, C) uint8 array the model's transform takes."""

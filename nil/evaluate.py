@@ -11,7 +11,7 @@ from nil.checkpoint import load_checkpoint
 from nil.config import TrainConfig
 from nil.data.base import Dataset
 from nil.errors import NilError
-from nil.loaders import make_loader
+from nil.loaders import checkpoint_loader
 from nil.metrics import classification_metrics
 from nil.models import build_model
 from nil.predict import predict
@@ -58,8 +58,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     """
     dev = resolve_device(device)
     model, ckpt, cfg, ds = open_with_checkpoint(checkpoint, data, fmt, dev)
-    loader = make_loader(ds.split(split), train=False, cfg=cfg, image_size=ckpt["model_spec"]["image_size"],
-                         channels=ds.channels, device=dev, batch_size=batch_size)
+    loader = checkpoint_loader(ds.split(split), ckpt, cfg=cfg, channels=ds.channels, device=dev, batch_size=batch_size)
     p = predict(model, loader, dev, progress=progress, desc=f"eval {split}")
     metrics = classification_metrics(p.labels, p.probs)
     metrics["classes"] = ds.classes

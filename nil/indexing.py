@@ -21,7 +21,7 @@ from nil import distributed
 from nil.embedding import ImageEmbedder, embed_split
 from nil.errors import NilError
 from nil.evaluate import open_with_checkpoint
-from nil.loaders import make_loader
+from nil.loaders import checkpoint_loader
 from nil.predict import predict
 from nil.runtime import resolve_device
 
@@ -104,8 +104,7 @@ def _build_index_parallel(out, checkpoint, data, kind, split, fmt, batch_size, d
         distributed.barrier()
         if hi > lo:
             part = samples.subset(np.arange(lo, hi))
-            loader = make_loader(part, train=False, cfg=cfg, image_size=ckpt["model_spec"]["image_size"],
-                                 channels=ds.channels, device=dev, batch_size=batch_size)
+            loader = checkpoint_loader(part, ckpt, cfg=cfg, channels=ds.channels, device=dev, batch_size=batch_size)
             p = predict(model, loader, dev, progress=progress and ctx.is_main, desc=f"embed {split}")
             faiss_index.write_embedding_rows(staging, lo, p.z, p.labels, p.ids, [str(k) for k in part.keys])
         distributed.barrier()

@@ -111,11 +111,14 @@ def build_model(
     image_size: int = 224,
     embed_dim: int = 128,
     weights: str | Path | None = None,
+    pretrained: bool = False,
 ) -> NilNet:
-    """Build model ``name`` (one of :data:`MODELS`), randomly initialised unless ``weights`` is given.
+    """Build model ``name`` (one of :data:`MODELS`), randomly initialised unless ``weights`` or ``pretrained``.
 
     ``weights`` is a local state dict: either of a whole ``NilNet`` or of the torchvision backbone
-    alone (its ``fc``/``classifier`` entries are ignored). Nothing is downloaded.
+    alone (its ``fc``/``classifier`` entries are ignored). ``pretrained`` loads the backbone's
+    published ImageNet weights through torchvision's weights API (downloaded once into its cache;
+    see :func:`pretrained_state`). Tensors whose shape the adapted stem changed stay random.
     """
     if name not in MODELS:
         raise NilError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
@@ -128,9 +131,42 @@ def build_model(
     else:
         backbone, width = _torchvision_backbone(name, in_channels, small)
     model = NilNet(backbone, width, num_classes, embed_dim)
+    if weights is not None and pretrained:
+        raise NilError("--pretrained and --weights both choose the starting weights; drop one")
     if weights is not None:
         load_weights(model, weights)
+    elif pretrained:
+        load_state(model, pretrained_state(name), f"torchvision's ImageNet weights of {name}")
     return model
+
+
+def pretrained_state(name: str) -> dict:
+    """The published ImageNet weights of torchvision backbone ``name`` (its weights API, its cache).
+
+    Offline and not cached, this ends in one sentence saying where the file goes or how to do without.
+    """
+    if name not in MODELS or name == "small_cnn":
+        raise NilError(f"--pretrained needs a torchvision backbone ({', '.join(m for m in MODELS if m != 'small_cnn')});"
+                       f" {name} has no published weights")
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        return weights.get_state_dict(progress=False)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a damaged cached file a RuntimeError
+        file = Path(weights.url).name
+        folder = Path(torch.hub.get_dir()) / "checkpoints"
+        raise NilError(f"cannot get the ImageNet weights of {name} ({getattr(exc, 'reason', exc)}): without a "
+                       f"network, put {file} (from {weights.url}) into {folder}, or pass --weights PATH "
+                       "to a local state dict") from None
+
+
+def normalization(pretrained: bool, channels: int) -> dict:
+    """Per-channel mean and std of the input normalisation: ImageNet's for published weights, else 0.5 / 0.5."""
+    if not pretrained:
+        return {"mean": [0.5] * channels, "std": [0.5] * channels}
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    if channels == 1:  # gray images: the luminance-weighted ImageNet statistics
+        mean, std = (sum(w * m for w, m in zip((0.299, 0.587, 0.114), mean)),), (sum(std) / 3,)
+    return {"mean": list(mean), "std": list(std)}
 
 
 def load_weights(model: NilNet, path: str | Path) -> None:
@@ -144,11 +180,16 @@ def load_weights(model: NilNet, path: str | Path) -> None:
         raise NilError(f"cannot read weights file {path}: {exc}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a nil checkpoint
+    load_state(model, state, f"weights file {path}")
+
+
+def load_state(model: NilNet, state: dict, source: str) -> None:
+    """Load a state dict of a whole NilNet or of its backbone alone; tensors of another shape are skipped."""
     own = model.state_dict()
     target = model if any(k.startswith("backbone.") for k in state) else model.backbone
     prefix = "" if target is model else "backbone."
     usable = {k: v for k, v in state.items() if prefix + k in own and own[prefix + k].shape == v.shape}
     if not usable:
-        raise NilError(f"weights file {path} has no tensor that fits this model")
+        raise NilError(f"{source} has no tensor that fits this model")
     missing = target.load_state_dict(usable, strict=False).missing_keys
-    LOG.info("loaded %d tensors from %s (%d left at random init)", len(usable), path, len(missing))
+    LOG.info("loaded %d tensors from %s (%d left at random init)", len(usable), source, len(missing))

@@ -35,10 +35,11 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 import faiss_index
-from nil.checkpoint import _atomic_write, load_checkpoint, save_json, save_torch
+from nil.checkpoint import _atomic_write, load_checkpoint, save_json, save_text, save_torch
 from nil.config import TrainConfig
 from nil.errors import NilError
 
@@ -314,6 +315,9 @@ def check_same_data(run_dir: Path, split_record: dict) -> None:
                        "skipped since the run started); resuming would not continue the same run")
 
 
-def write_run_config(out: Path, resolved: dict, split_record: dict) -> None:
+def write_run_config(out: Path, resolved: dict, split_record: dict, options: dict) -> None:
+    """config.json (every field and what was resolved), config.yaml (the `nil train` options, for
+    ``--config``) and splits.json (the sample ids of each split)."""
     save_json(resolved, out / "config.json")
+    save_text(yaml.safe_dump(options, sort_keys=False), out / "config.yaml")
     save_json(split_record, out / "splits.json")

@@ -39,7 +39,7 @@ from nil.metrics import classification_metrics, summary
 from nil.batchnorm import batch_statistics
 from nil.mining import (DistractorImages, DistractorMiner, DistractorSource, EmbeddingsNotFinite, GradientDistractors,
                         SearchedDistractors, Step)
-from nil.models import build_model
+from nil.models import build_model, normalization
 from nil.predict import autocast, predict
 from nil.resume import Checkpointer, check_same_data, write_run_config
 from nil.runtime import open_config_dataset, resolve_device, seed_everything
@@ -50,7 +50,8 @@ LOG = logging.getLogger(__name__)
 def model_spec(cfg: TrainConfig, ds: Dataset, image_size: int) -> dict:
     """What :func:`nil.models.build_model` needs to rebuild the model from a checkpoint."""
     return {"name": cfg.model, "num_classes": ds.num_classes, "in_channels": ds.channels,
-            "image_size": image_size, "embed_dim": cfg.embed_dim}
+            "image_size": image_size, "embed_dim": cfg.embed_dim,
+            "normalize": normalization(cfg.pretrained, ds.channels)}
 
 
 @dataclass
@@ -128,14 +129,14 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
     resolved["resolved"] |= {"world_size": ctx.world_size,
                              "batch_per_rank": distributed.per_rank_batch(cfg.batch_size, ctx.world_size)}
     if not resume and ctx.is_main:
-        write_run_config(out, resolved, ds.split_record())
+        write_run_config(out, resolved, ds.split_record(), cfg.to_options())
         if "skipped_images" in ds.info:
             save_json(ds.info["skipped_images"], out / "skipped_images.json")
 
-    train_loader = make_loader(ds.train, train=True, cfg=cfg, image_size=image_size, channels=ds.channels, device=device,
-                               rank=ctx.rank, world_size=ctx.world_size)
-    val_loader = make_loader(ds.val, train=False, cfg=cfg, image_size=image_size, channels=ds.channels, device=device)
-    test_loader = make_loader(ds.test, train=False, cfg=cfg, image_size=image_size, channels=ds.channels, device=device)
+    common = dict(cfg=cfg, image_size=image_size, channels=ds.channels, device=device, normalize=spec["normalize"])
+    train_loader = make_loader(ds.train, train=True, rank=ctx.rank, world_size=ctx.world_size, **common)
+    val_loader = make_loader(ds.val, train=False, **common)
+    test_loader = make_loader(ds.test, train=False, **common)
     training = build_training(cfg, ds, image_size, device, cfg.epochs * len(train_loader), kind)
     model, trainee, optimizer, scheduler = training.model, training.trainee, training.optimizer, training.scheduler
     criterion, source = training.criterion, training.source
@@ -204,7 +205,8 @@ def build_training(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch
                    kind: str = "auto") -> Training:
     """Model, optimiser, per-step schedule over ``total_steps``, loss and distractor source of a config;
     then call :func:`train_epoch` with them."""
-    model = build_model(cfg.model, ds.num_classes, ds.channels, image_size, cfg.embed_dim, cfg.weights).to(device)
+    model = build_model(cfg.model, ds.num_classes, ds.channels, image_size, cfg.embed_dim, cfg.weights,
+                        cfg.pretrained).to(device)
     # every parameter takes part in every step (the loss always reaches z): DDP needs no unused-parameter scan
     trainee = distributed.wrap_model(model, device, find_unused=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -260,7 +262,8 @@ def make_source(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.de
                             shard=faiss_index.DistributedIndex if distributed.context().distributed else None)
     images = None
     if cfg.fresh_distractors or cfg.loss == "ce-replay":
-        images = DistractorImages(ds.train, make_transform(True, image_size, ds.channels))
+        images = DistractorImages(ds.train, make_transform(True, image_size, ds.channels,
+                                                           normalization(cfg.pretrained, ds.channels)))
     return SearchedDistractors(miner, images, replay=cfg.loss == "ce-replay", space=space)
 
 

@@ -101,3 +101,44 @@ def test_demo_end_to_end_at_a_reduced_size(tmp_path):
         assert f"{test['accuracy']:.4f}" in result.output
     nil_config = json.loads((out / "nil-faiss" / "config.json").read_text())
     assert nil_config["ann"] == "faiss" and nil_config["loss"] == "nil"
+
+
+def test_options_come_from_a_yaml_file_and_the_command_line_wins(tmp_path, tiny_npz):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"data: {tiny_npz}\nmodel: small_cnn\nepochs: 1\nbatch-size: 16\nbatch_size: 32\n"
+                   "embed_dim: 8\nlambda: 0.7\ndevice: cpu\nprogress: false\nlr: 2e-3\nfresh-distractors: false\n")
+    out = tmp_path / "a"
+    result = run(["train", "--config", str(cfg), "--out", str(out), "--lr", "0.004"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["batch_size"] == 32 and saved["embed_dim"] == 8 and saved["lam"] == 0.7
+    assert saved["lr"] == 0.004 and saved["fresh_distractors"] is False  # command line over file
+    # the run folder's config.yaml repeats the run: same configuration, same metrics
+    again = run(["train", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "b")])
+    assert again.exit_code == 0, again.output
+    repeat = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert {k: v for k, v in repeat.items() if k not in ("out", "resolved")} == \
+        {k: v for k, v in saved.items() if k not in ("out", "resolved")}
+    assert (json.loads((tmp_path / "b" / "metrics.json").read_text())["test"]
+            == json.loads((out / "metrics.json").read_text())["test"])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("epochs: [1, 2\n", "not valid YAML at line"),
+    ("- epochs\n", "mapping of option names"),
+    ("epoch: 3\n", "unknown option 'epoch'"),
+    ("epochs: many\n", "many"),
+])
+def test_a_bad_config_file_is_one_clear_usage_error(tmp_path, content, message):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(content)
+    result = run(["train", "--config", str(cfg), "--data", "x.npz", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_config_file_and_resume_do_not_mix(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("epochs: 2\n")
+    result = run(["train", "--config", str(cfg), "--resume", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--config" in result.output

@@ -77,8 +77,20 @@ def test_medmnist_wrong_arrays_name_the_key(tmp_path, change, key):
 
 def test_not_an_npz_file(tmp_path):
     (tmp_path / "x.npz").write_text("hello")
-    with pytest.raises(NilError, match="x.npz"):
+    with pytest.raises(NilError, match="x.npz") as err:
         open_dataset(tmp_path / "x.npz")
+    assert "allow_pickle" not in str(err.value) and "not a zip archive" in str(err.value)
+
+
+def test_a_truncated_or_pickled_npz_is_described_by_the_file_not_by_numpy(tmp_path):
+    arrays = _npz(tmp_path / "ok.npz", rgb=False, flat_labels=True)
+    data = (tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    np.savez(tmp_path / "obj.npz", **(arrays | {"train_labels": np.array([{"a": 1}] * 3, dtype=object)}))
+    for name in ("cut.npz", "obj.npz"):
+        with pytest.raises(NilError, match=name) as err:
+            open_dataset(tmp_path / name)
+        assert "allow_pickle" not in str(err.value), name
 
 
 def test_real_retinamnist(shared_npz):
@@ -175,6 +187,19 @@ def test_folder_with_split_layout_keeps_its_splits(tmp_path):
     assert ds.val.labels.tolist() == [0, 0, 1]
     np.testing.assert_array_equal(ds.test.load(4), written[ds.test.keys[4]])
     assert apply_split_record(ds, ds.split_record()).split_record() == ds.split_record()
+
+
+def test_folder_images_reach_torch_without_a_library_warning(tmp_path, recwarn):
+    """Decoded images are writable arrays, so torchvision's "NumPy array is not writable" warning
+    (about nil's internals, not the user's input) never reaches the terminal."""
+    from nil.data.transforms import make_transform
+
+    _flat_folder(tmp_path / "tiles", per_class=(2, 2, 2))
+    ds = open_dataset(tmp_path / "tiles")
+    image = ds.train.load(0)
+    assert image.flags.writeable
+    make_transform(train=True, image_size=16, channels=3)(image)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
 
 
 def test_folder_corrupt_image_is_named(tmp_path):

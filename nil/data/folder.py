@@ -27,7 +27,7 @@ def read_image(path: str | Path) -> np.ndarray:
     """The image file at ``path`` as uint8 ``(H, W, 3)`` RGB; NilError naming it if unreadable."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise NilError(f"cannot read image {path}: {err}") from err
 

@@ -64,11 +64,17 @@ def read_medmnist(path: str | Path) -> Dataset:
     ``"0".."C-1"`` with C = max label + 1 over all splits; keys are ``"train/17"``.
     """
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise NilError(f"{path}: not a MedMNIST .npz file (it is not a zip archive: damaged, truncated or of another "
+                       "format)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise NilError(f"{path}: cannot read as a MedMNIST .npz file ({err})") from err
+    except ValueError as err:  # numpy's text advises allow_pickle, which nil never uses on data files
+        raise NilError(f"{path}: holds arrays of Python objects (pickled) or a damaged array; a MedMNIST .npz "
+                       "holds plain uint8 image and integer label arrays") from err
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise NilError(f"{path}: cannot read as a MedMNIST .npz file; the archive is damaged ({err})") from err
     images, labels = {}, {}
     for s in SPLITS:
         for key in (f"{s}_images", f"{s}_labels"):

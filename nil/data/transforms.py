@@ -17,22 +17,24 @@ class ImageTransform:
 
     Matches the channel count first (RGB -> gray by luminance, gray -> RGB by repetition),
     resizes with antialiasing (torchvision skips it when the size already matches), scales
-    to [0, 1] and normalises with mean 0.5 and std 0.5 per channel, so values lie in [-1, 1].
+    to [0, 1] and normalises per channel: mean 0.5 and std 0.5 (values in [-1, 1]) unless
+    ``normalize`` gives the statistics published weights expect (``{"mean": [...], "std": [...]}``).
     With ``train=True`` random horizontal and vertical flips come first: tissue and fundus
     images have no preferred orientation.
     """
 
-    def __init__(self, train: bool, image_size: int, channels: int):
+    def __init__(self, train: bool, image_size: int, channels: int, normalize: dict | None = None):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         self.train, self.image_size, self.channels = train, image_size, channels
+        norm = normalize or {"mean": [0.5] * channels, "std": [0.5] * channels}
         steps: list = [v2.ToImage()]
         if train:
             steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
         steps += [
             v2.Resize((image_size, image_size), antialias=True),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize([0.5] * channels, [0.5] * channels),
+            v2.Normalize(list(norm["mean"]), list(norm["std"])),
         ]
         self.pipeline = v2.Compose(steps)
 
@@ -57,6 +59,7 @@ class ImageTransform:
                 f"channels={self.channels})")
 
 
-def make_transform(train: bool, image_size: int, channels: int) -> Callable[[np.ndarray], torch.Tensor]:
+def make_transform(train: bool, image_size: int, channels: int,
+                   normalize: dict | None = None) -> Callable[[np.ndarray], torch.Tensor]:
     """The transform for one split: uint8 ``(H, W, C)`` -> float32 ``(channels, S, S)``, S=image_size."""
-    return ImageTransform(train, image_size, channels)
+    return ImageTransform(train, image_size, channels, normalize)
