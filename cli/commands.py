@@ -245,6 +245,40 @@ def data_synth(out, n, size, classes, similarity, seed):
 
 
 @click.command()
+@_data_options
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for audit.json, duplicates.csv, suspects.csv and index.html.")
+@click.option("--checkpoint", default=None, type=click.Path(),
+              help="Compare images in this model's embedding space instead of pixel space (its run's data "
+                   "unless --data is given).")
+@click.option("--threshold", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Near-duplicate distance: RMS pixel difference on 0..1 [default: 0.02], or embedding "
+                   "distance with --checkpoint [default: 0.05].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+def audit(data, fmt, csv_path_col, csv_label_col, csv_label_cols, image_root, image_suffix, out, checkpoint,
+          threshold, device, progress):
+    """Find exact and near duplicates (across splits first), conflicting labels and label-noise suspects.
+
+    Reads any supported data set and writes OUT/audit.json, duplicates.csv, suspects.csv and
+    index.html (thumbnails side by side, opens offline). A duplicate shared by the training and the
+    test split inflates every test figure; run this before training on a public data set.
+    """
+    from nil.audit import audit as run
+    from nil.data import CsvOptions
+
+    cols = [c.strip() for c in csv_label_cols.split(",") if c.strip()] if csv_label_cols else None
+    csv = CsvOptions(csv_path_col, csv_label_col, cols, image_root, image_suffix)
+    result = run(data, out, fmt=fmt, checkpoint=checkpoint, threshold=threshold, device=device, progress=progress,
+                 csv=csv)
+    cross = ", ".join(f"{k} {v}" for k, v in result["cross_split"].items())
+    click.echo(f"{result['images']} images: {result['exact_groups']} exact and {result['near_groups']} near-duplicate "
+               f"groups; across splits: {cross}; label conflicts {len(result['label_conflicts'])}; suspects "
+               f"{len(result['suspects'])} ({result['seconds']} s)")
+    click.echo(f"wrote {out}/audit.json, duplicates.csv, suspects.csv and index.html")
+
+
+@click.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--gallery", default=8, show_default=True, help="Test images in the distractor gallery.")
 @click.option("--k", default=4, show_default=True, help="Distractors shown per test image.")

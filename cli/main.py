@@ -48,8 +48,8 @@ def main(verbose: int) -> None:
 # subcommands from the modules that define them (bench_accuracy, bench_serve, serve_commands).
 from cli import bench_accuracy, bench_serve, serve_commands  # noqa: E402,F401
 from cli.bench_commands import bench  # noqa: E402
-from cli.commands import data, demo, eval_, report, train  # noqa: E402
+from cli.commands import audit, data, demo, eval_, report, train  # noqa: E402
 from cli.index_commands import index  # noqa: E402
 
-for _command in (demo, train, eval_, report, data, index, bench):
+for _command in (demo, train, eval_, report, audit, data, index, bench):
     main.add_command(_command)

@@ -87,6 +87,24 @@ def _prepare_out(out: Path) -> None:
     distributed.on_main(out.mkdir, parents=True, exist_ok=True)
 
 
+LEAK_CHECK_MAX = 200_000  # images; the identical-images check reads every image once
+
+
+def warn_cross_split_duplicates(ds: Dataset) -> None:
+    """One warning line when identical images sit in two splits (a leak that inflates test figures)."""
+    from nil.audit import cross_split_exact_duplicates
+
+    n = sum(len(ds.split(s)) for s in ("train", "val", "test"))
+    if n > LEAK_CHECK_MAX:
+        LOG.info("%d images: the check for identical images across splits is left to `nil audit`", n)
+        return
+    leaks = {pair: count for pair, count in cross_split_exact_duplicates(ds).items() if count}
+    if leaks:
+        LOG.warning("identical images sit in two splits (%s groups); test figures may be inflated: run "
+                    "`nil audit --data %s --out AUDIT_DIR` to list them",
+                    ", ".join(f"{pair}: {count}" for pair, count in leaks.items()), ds.source)
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train, validate every epoch, test ``best.pt`` once; returns the content of ``metrics.json``.
 
@@ -104,6 +122,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)
     ds = open_config_dataset(cfg)  # all data errors surface before anything is written
     ds = screen_images(ds, cfg.on_bad_image, progress=cfg.progress)
+    if not resume and ctx.is_main:
+        warn_cross_split_duplicates(ds)
     image_size = cfg.image_size or ds.image_size or 224
     out = Path(cfg.out)
     if resume:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from cli.main import main
 from nil.config import TrainConfig
-from nil.report import find_suspects
+from nil.neighbours import find_suspects
 from nil.train import train
 
 
