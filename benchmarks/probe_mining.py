@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from faiss_index import knn_other_class, make_index  # noqa: E402
 from faiss_index.synthetic import clustered  # noqa: E402
+from benchmarks.measure import parse_value  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -54,12 +55,7 @@ def parse_args(argv=None):
 
 
 def _value(s: str):
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(s.lower(), s)
+    return parse_value(s)
 
 
 def main(argv=None) -> dict:

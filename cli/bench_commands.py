@@ -103,6 +103,7 @@ def bench_stream(ctx, ns, data, kind, params, refresh_every, cycles, exact_every
     Records per step the time (p50 and max, refresh included) and recall@1 against exact-torch on
     the same batches in the same run. Resumable: a rerun keeps the rows already written.
     """
+    from benchmarks.measure import parse_value
     from benchmarks.stream import StreamBench, run_stream, stream_markdown
     from faiss_index import IndexFormatError, IndexInputError
 
@@ -111,7 +112,7 @@ def bench_stream(ctx, ns, data, kind, params, refresh_every, cycles, exact_every
         name, sep, value = p.partition("=")
         if not sep or not name:
             raise click.BadParameter(f"{p!r} is not NAME=VALUE", param_hint="--param")
-        given[name] = _number(value)
+        given[name] = parse_value(value)
     for d in _words(data) or ():
         if d not in ("clusters", "class-pure") and not d.startswith("trained:"):
             raise click.BadParameter(f"{d!r}: use clusters, class-pure or trained:INDEX_DIR", param_hint="--data")
@@ -125,15 +126,6 @@ def bench_stream(ctx, ns, data, kind, params, refresh_every, cycles, exact_every
         raise click.ClickException(str(e)) from None
     click.echo(stream_markdown(result))
     click.echo(f"wrote {out}, {Path(out).with_suffix('.md')} and {Path(out).with_suffix('.png')}")
-
-
-def _number(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 @bench.command("train")
