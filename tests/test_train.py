@@ -18,7 +18,7 @@ def quick(tmp_path, data, name="run", **kw) -> TrainConfig:
 def test_run_folder_holds_everything_to_reproduce_and_report(tmp_path, tiny_npz):
     result = train(quick(tmp_path, tiny_npz, epochs=3))
     out = tmp_path / "run"
-    assert {p.name for p in out.iterdir()} >= {"config.json", "splits.json", "metrics.jsonl", "last.pt", "best.pt",
+    assert {p.name for p in out.iterdir()} >= {"config.json", "config.yaml", "splits.json", "metrics.jsonl", "last.pt", "best.pt",
                                                "metrics.json"}
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2, 3]
