@@ -56,6 +56,11 @@ def _pixels(image: np.ndarray) -> torch.Tensor:
     return F.interpolate(x[None, None], size=(PIXEL_SIDE, PIXEL_SIDE), mode="area")[0, 0]
 
 
+def content_hash(image: np.ndarray) -> str:
+    """Identical pixels (and shape) give the same hash."""
+    return hashlib.blake2b(repr(image.shape).encode() + image.tobytes(), digest_size=16).hexdigest()
+
+
 def scan(ds: Dataset, progress: bool = False) -> tuple[list[str], torch.Tensor, np.ndarray]:
     """One pass over every image: content hashes, pixel features (N, PIXEL_SIDE^2) and labels."""
     hashes, feats, labels = [], [], []
@@ -63,7 +68,7 @@ def scan(ds: Dataset, progress: bool = False) -> tuple[list[str], torch.Tensor, 
         part = ds.split(s)
         for i in tqdm(range(len(part)), desc=f"read {s}", disable=not progress, leave=False):
             image = part.load(i)
-            hashes.append(hashlib.blake2b(repr(image.shape).encode() + image.tobytes(), digest_size=16).hexdigest())
+            hashes.append(content_hash(image))
             feats.append(_pixels(image))
         labels.append(part.labels)
     x = torch.stack(feats).flatten(1) if feats else torch.empty(0, PIXEL_SIDE * PIXEL_SIDE)
@@ -77,8 +82,7 @@ def cross_split_exact_duplicates(ds: Dataset) -> dict[str, int]:
         part = ds.split(s)
         for i in range(len(part)):
             image = part.load(i)
-            key = hashlib.blake2b(repr(image.shape).encode() + image.tobytes(), digest_size=16).hexdigest()
-            groups.setdefault(key, set()).add(s)
+            groups.setdefault(content_hash(image), set()).add(s)
     return _pair_counts([sorted(v) for v in groups.values() if len(v) > 1])
 
 

@@ -103,13 +103,13 @@ class PartitionedIVF(Engine):
         if self.kind == "ivfpq" and labels.shape[0]:
             pick = seeded_sample(labels.shape[0], _PQ_TRAIN_ROWS, r["seed"] + 1).to(vectors.device)
             pq_sample = vectors[pick].to("cpu", torch.float32)
-        return {"vectors": vectors, "labels": labels, "counts": counts, "rows": rows, "samples": samples,
+        return {"vectors": vectors, "labels": labels, "rows": rows, "samples": samples,
                 "pq_sample": pq_sample, "changed": None if changed is None else changed.detach().cpu().clone()}
 
     def build_prepared(self, job: dict) -> None:
         """Build from :meth:`prepare`'s snapshot (safe to run in a thread while searches use another copy)."""
         faiss = self.faiss
-        vectors, labels, counts = job["vectors"], job["labels"], job["counts"]
+        vectors, labels = job["vectors"], job["labels"]
         r = self.resolved
         old_cent, old_nlist = self.centroids, self.nlist_per_class
         cents, list_class, nlists = [], [], []
