@@ -468,8 +468,10 @@ def study_markdown(result: dict) -> str:
         if g["met"] is None:
             lines.append(f"- {g['dataset']}: not measured yet ({g['why']}).")
         else:
+            held = [k for k, ok in g["checks"].items() if ok]
             failed = [k for k, ok in g["checks"].items() if not ok]
-            verdict = "**met**" if g["met"] else "**not met** (" + "; ".join(failed) + ")"
-            lines.append(f"- {g['dataset']} ({g['pairs']} paired seeds): {verdict}.")
+            verdict = "**met**" if g["met"] else "**not met**; fails: " + "; ".join(failed)
+            lines.append(f"- {g['dataset']} ({g['pairs']} paired seeds): {verdict}"
+                         + (f". Holds: {'; '.join(held)}" if held else "") + ".")
     lines.append("")
     return "\n".join(lines)
