@@ -104,7 +104,8 @@ class Study:
 
 def base_settings(study: Study) -> dict:
     return {"lr": study.lr, "weight_decay": study.weight_decay, "lam": study.lam, "margin": study.margin,
-            "warmup_epochs": study.warmup_epochs, "audit_every": 0}  # no arm searches with faiss
+            "warmup_epochs": study.warmup_epochs, "audit_every": 0,  # no arm searches with faiss
+            "normalize": "half"}  # the statistics every committed run used (mean and std 0.5)
 
 
 def run_config(study: Study, dataset: str, model: str, arm: str, seed: int, params: dict, out: Path,
@@ -118,7 +119,7 @@ def run_config(study: Study, dataset: str, model: str, arm: str, seed: int, para
 
 
 RETIRED_FIELDS = {"extra": {}}  # TrainConfig fields removed after runs were written, with the value they had
-ADDED_FIELDS = {"pretrained": False}  # fields added after runs were written: left out of the key at this value
+ADDED_FIELDS = {"pretrained": False, "normalize": "half", "backbone_lr_scale": 1.0, "freeze_stem_epochs": 0}  # fields added after runs were written: left out of the key at this value
 
 
 def run_key(stage: str, cfg: TrainConfig) -> str:
@@ -130,7 +131,7 @@ def run_key(stage: str, cfg: TrainConfig) -> str:
     added since is left out while it has the value the old runs implied (:data:`ADDED_FIELDS`), so
     the runs already written stay valid."""
     d = RETIRED_FIELDS | {k: v for k, v in cfg.to_dict().items() if k not in ADDED_FIELDS or ADDED_FIELDS[k] != v}
-    d.pop("out"), d.pop("progress")
+    d.pop("out"), d.pop("progress"), d.pop("log")  # where and how a run reports, not what it is
     d["data"] = Path(d["data"]).name
     blob = json.dumps([stage, d], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from cli.tables import metrics_table
-from nil.config import (ANNS, DISTRACTORS, FORMATS, LOSSES, METRICS, MODELS, ON_BAD_IMAGE, PRECISIONS, SCHEDULES,
-                        SPLITS, VARIANTS, TrainConfig)
+from nil.config import (ANNS, DISTRACTORS, FORMATS, LOGS, LOSSES, METRICS, MODELS, NORMALIZES, ON_BAD_IMAGE, PRECISIONS,
+                        SCHEDULES, SPLITS, VARIANTS, TrainConfig)
 
 DEFAULT = TrainConfig()  # `nil train`'s defaults live in one place: the config
 
@@ -113,12 +113,20 @@ def _read_config_file(ctx: click.Context, param: click.Parameter, value: str | N
 @click.option("--pretrained/--no-pretrained", default=DEFAULT.pretrained, show_default=True,
               help="Start the backbone from its published ImageNet weights (torchvision's weights API; downloaded "
                    "once into its cache) and normalise inputs with ImageNet's mean and std.")
+@click.option("--normalize", default=DEFAULT.normalize, show_default=True, type=click.Choice(NORMALIZES),
+              help="Input mean/std: data (the training split's own, measured on a sample), imagenet, half (0.5/0.5); "
+                   "auto is imagenet with --pretrained, else data. Saved in config.json and every checkpoint.")
 @click.option("--epochs", default=DEFAULT.epochs, show_default=True)
 @click.option("--batch-size", default=DEFAULT.batch_size, show_default=True)
 @click.option("--lr", default=DEFAULT.lr, show_default=True, help="AdamW learning rate.")
 @click.option("--schedule", default=DEFAULT.schedule, show_default=True, type=click.Choice(SCHEDULES),
               help="Learning-rate schedule over all steps: cosine decay to 0, or step (x0.1 at 50% and 75%).")
 @click.option("--weight-decay", default=DEFAULT.weight_decay, show_default=True)
+@click.option("--backbone-lr-scale", default=DEFAULT.backbone_lr_scale, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="The backbone learns at --lr x this, the heads at --lr (fine-tuning pretrained weights: 0.1).")
+@click.option("--freeze-stem-epochs", default=DEFAULT.freeze_stem_epochs, show_default=True,
+              type=click.IntRange(min=0), help="Keep the stem (first convolution and its norm) unchanged this many epochs.")
 @click.option("--image-size", default=None, type=int, help="Resize to this side [default: the data's own, 224 for files].")
 @click.option("--embed-dim", default=DEFAULT.embed_dim, show_default=True, help="Width D of the embedding z.")
 @click.option("--loss", default=DEFAULT.loss, show_default=True, type=click.Choice(LOSSES),
@@ -153,6 +161,10 @@ def _read_config_file(ctx: click.Context, param: click.Parameter, value: str | N
 @click.option("--workers", default=None, type=int, help="Data loader workers [default: 0 on CPU, 4 on CUDA].")
 @click.option("--precision", default=DEFAULT.precision, show_default=True, type=click.Choice(PRECISIONS),
               help="Training autocast: auto is bf16 on CUDA, fp32 on CPU; bf16 also speeds up AMX CPUs.")
+@click.option("--log", default=DEFAULT.log, show_default=True, type=click.Choice(LOGS),
+              help="Besides metrics.jsonl: csv writes metrics.csv; tensorboard writes RUN_DIR/tensorboard "
+                   "(loss parts, validation metrics, mining recall, timings, best-epoch embeddings for the "
+                   "projector; needs the tensorboard extra); none.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 def train(**kw):
     """Train a classifier, optionally with the distractor-aware loss.

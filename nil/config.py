@@ -21,10 +21,13 @@ Ann = Literal["none", "exact", "faiss"]
 Metric = Literal["accuracy", "balanced_accuracy", "macro_f1", "auc", "qwk"]
 Precision = Literal["auto", "fp32", "bf16"]
 Split = Literal["train", "val", "test"]
+Normalize = Literal["auto", "data", "imagenet", "half"]
+Log = Literal["csv", "tensorboard", "none"]
 
 MODELS, FORMATS, ON_BAD_IMAGE, SCHEDULES = get_args(Model), get_args(Format), get_args(OnBadImage), get_args(Schedule)
 LOSSES, VARIANTS, DISTRACTORS, ANNS = get_args(Loss), get_args(Variant), get_args(Distractor), get_args(Ann)
 METRICS, PRECISIONS, SPLITS = get_args(Metric), get_args(Precision), get_args(Split)
+NORMALIZES, LOGS = get_args(Normalize), get_args(Log)
 
 
 OPTION_OF_FIELD = {"lam": "lambda"}  # fields whose `nil train` option has another name
@@ -50,12 +53,15 @@ class TrainConfig:
     embed_dim: int = 128  # width of the L2-normalised embedding z
     weights: str | None = None  # local state dict to start from; nothing is downloaded
     pretrained: bool = False  # start from the backbone's published ImageNet weights (torchvision's cache)
+    normalize: Normalize = "auto"  # input mean/std: auto is imagenet with --pretrained, else data (the training split's own)
     # optimisation
     epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3  # AdamW
     schedule: Schedule = "step"  # step: x0.1 at 50% and 75% of the steps (the study's recipe); cosine: decay to 0
     weight_decay: float = 1e-4
+    backbone_lr_scale: float = 1.0  # the backbone learns at lr x this (fine-tuning: 0.1); the heads at lr
+    freeze_stem_epochs: int = 0  # the stem (first convolution and its norm) is not updated for this many epochs
     # distractor-aware loss
     loss: Loss = "nil"  # ce: cross-entropy only; nil: CE + lambda * distractor term; ce-replay: CE + lambda * CE of the distractor images
     lam: float = 0.3  # weight lambda of the distractor term (ce-replay: of the replayed images' CE)
@@ -80,6 +86,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimiser steps between resumable last.pt writes inside an epoch (0: epoch ends only)
     precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32 | bf16 force it
     evaluate_test: bool = True  # False for tuning runs: the test split is never read
+    log: Log = "csv"  # besides metrics.jsonl: csv writes metrics.csv; tensorboard writes event files (the tensorboard extra)
     progress: bool = True
 
     def validate(self) -> None:
@@ -114,6 +121,8 @@ class TrainConfig:
              and self.val_fraction + self.test_fraction < 1, "split fractions must lie in [0, 1) and sum below 1"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device must be auto, cpu or cuda"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be non-negative"),
+            (self.backbone_lr_scale > 0, "--backbone-lr-scale must be positive"),
+            (0 <= self.freeze_stem_epochs < self.epochs, "--freeze-stem-epochs must lie in [0, --epochs)"),
             (not (self.pretrained and self.weights), "--pretrained and --weights both choose the starting weights; "
              "drop one"),
             (not (self.pretrained and self.model == "small_cnn"), "--pretrained needs a torchvision backbone; "

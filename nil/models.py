@@ -104,6 +104,21 @@ class NilNet(nn.Module):
         return self.heads(self.backbone(x))
 
 
+def stem(model: NilNet) -> nn.Module:
+    """The backbone's stem: its first convolution and the normalisation after it (what fine-tuning
+    recipes freeze first: the filters closest to the pixels transfer best)."""
+    b = model.backbone
+    if isinstance(b, SmallCNN):
+        return nn.ModuleList(b.body[:2])
+    if isinstance(b, torchvision.models.ResNet):
+        return nn.ModuleList([b.conv1, b.bn1])
+    if isinstance(b, torchvision.models.DenseNet):
+        return nn.ModuleList([b.features.conv0, b.features.norm0])
+    if isinstance(b, torchvision.models.EfficientNet):
+        return b.features[0]  # Conv2dNormActivation: convolution, BatchNorm, SiLU
+    raise NilError(f"no stem known for backbone {type(b).__name__}")  # pragma: no cover - guarded by MODELS
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -159,10 +174,13 @@ def pretrained_state(name: str) -> dict:
                        "to a local state dict") from None
 
 
-def normalization(pretrained: bool, channels: int) -> dict:
-    """Per-channel mean and std of the input normalisation: ImageNet's for published weights, else 0.5 / 0.5."""
-    if not pretrained:
+def normalization(kind: str, channels: int) -> dict:
+    """Per-channel input mean and std of a fixed kind: ``imagenet`` (what published weights expect) or
+    ``half`` (0.5 / 0.5, values in [-1, 1]). The data's own statistics: :func:`nil.data.data_statistics`."""
+    if kind == "half":
         return {"mean": [0.5] * channels, "std": [0.5] * channels}
+    if kind != "imagenet":
+        raise ValueError(f"normalization kind must be imagenet or half, got {kind!r}")
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     if channels == 1:  # gray images: the luminance-weighted ImageNet statistics
         mean, std = (sum(w * m for w, m in zip((0.299, 0.587, 0.114), mean)),), (sum(std) / 3,)

@@ -6,6 +6,7 @@ run folder that reproduces it:
     RUN_DIR/config.json    the full resolved configuration
     RUN_DIR/splits.json    the sample ids of each split
     RUN_DIR/metrics.jsonl  one line per epoch: loss parts, validation metrics, mining timings
+    RUN_DIR/metrics.csv    the same as a table (--log csv; --log tensorboard: RUN_DIR/tensorboard/)
     RUN_DIR/last.pt        the latest model, optimiser, scheduler, RNG and loop state (resumable, nil.resume)
     RUN_DIR/memory-<step>/ the distractor memory last.pt was written with (--ann exact|faiss)
     RUN_DIR/best.pt        the epoch with the best validation metric
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +28,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import faiss_index
-from nil import distributed
+from nil import distributed, runlog
 from nil.checkpoint import save_json, save_torch
 from nil.config import TrainConfig
 from nil.data import make_transform
+from nil.data.transforms import data_statistics
 from nil.data.base import Dataset
 from nil.data.screen import screen_images
 from nil.errors import NilError
@@ -39,7 +42,7 @@ from nil.metrics import classification_metrics, summary
 from nil.batchnorm import batch_statistics
 from nil.mining import (DistractorImages, DistractorMiner, DistractorSource, EmbeddingsNotFinite, GradientDistractors,
                         SearchedDistractors, Step)
-from nil.models import build_model, normalization
+from nil.models import build_model, normalization, stem
 from nil.predict import autocast, predict
 from nil.resume import Checkpointer, check_same_data, write_run_config
 from nil.runtime import open_config_dataset, resolve_device, seed_everything
@@ -47,11 +50,20 @@ from nil.runtime import open_config_dataset, resolve_device, seed_everything
 LOG = logging.getLogger(__name__)
 
 
-def model_spec(cfg: TrainConfig, ds: Dataset, image_size: int) -> dict:
-    """What :func:`nil.models.build_model` needs to rebuild the model from a checkpoint."""
+def input_normalization(cfg: TrainConfig, ds: Dataset, image_size: int) -> dict:
+    """The input mean and std of this run, resolved once: ``auto`` follows the weights (ImageNet's
+    with ``--pretrained``, else the training split's own statistics)."""
+    kind = cfg.normalize if cfg.normalize != "auto" else ("imagenet" if cfg.pretrained else "data")
+    stats = (data_statistics(ds.train, image_size, ds.channels, seed=cfg.seed) if kind == "data"
+             else normalization(kind, ds.channels))
+    return {"kind": kind, **stats}
+
+
+def model_spec(cfg: TrainConfig, ds: Dataset, image_size: int, normalize: dict) -> dict:
+    """What :func:`nil.models.build_model` needs to rebuild the model from a checkpoint, and the input
+    normalisation (:func:`input_normalization`) every later reader of the checkpoint applies."""
     return {"name": cfg.model, "num_classes": ds.num_classes, "in_channels": ds.channels,
-            "image_size": image_size, "embed_dim": cfg.embed_dim,
-            "normalize": normalization(cfg.pretrained, ds.channels)}
+            "image_size": image_size, "embed_dim": cfg.embed_dim, "normalize": normalize}
 
 
 @dataclass
@@ -112,6 +124,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     :func:`nil.resume.load_run_config`); see :mod:`nil.resume`.
     """
     cfg.validate()
+    runlog.require(cfg.log)
     device = resolve_device(cfg.device)
     ctx, device = distributed.setup(device)  # torchrun: join the process group, take cuda:LOCAL_RANK
     distributed.per_rank_batch(cfg.batch_size, ctx.world_size)
@@ -140,9 +153,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
 def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device, out: Path,
            resume: bool = False) -> dict:
-    spec = model_spec(cfg, ds, image_size)
+    spec = model_spec(cfg, ds, image_size, input_normalization(cfg, ds, image_size))
     kind = faiss_index.resolve_kind(cfg.ann_index, str(device))
     resolved = cfg.to_dict() | {"resolved": {"device": str(device), "image_size": image_size, "ann_index": kind,
+                                             "normalize": spec["normalize"],
                                              "classes": ds.classes, "format": ds.format,
                                              "split_origin": ds.split_origin, "torch": torch.__version__}}
     ctx = distributed.context()
@@ -157,7 +171,7 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
     train_loader = make_loader(ds.train, train=True, rank=ctx.rank, world_size=ctx.world_size, **common)
     val_loader = make_loader(ds.val, train=False, **common)
     test_loader = make_loader(ds.test, train=False, **common)
-    training = build_training(cfg, ds, image_size, device, cfg.epochs * len(train_loader), kind)
+    training = build_training(cfg, ds, image_size, device, cfg.epochs * len(train_loader), kind, spec["normalize"])
     model, trainee, optimizer, scheduler = training.model, training.trainee, training.optimizer, training.scheduler
     criterion, source = training.criterion, training.source
 
@@ -165,6 +179,7 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
     ckpt = Checkpointer(out, cfg, model, optimizer, scheduler, None if ctx.distributed else miner, {"model_spec": spec, "classes": ds.classes,
                         "config": cfg.to_dict()}, len(train_loader), ds.classes)
     run = ckpt.restore(device) if resume else ckpt.progress
+    log = runlog.open_log(cfg.log, out) if ctx.is_main else runlog.RunLog()
     best_score, best_epoch, history = run.best_score, run.best_epoch, run.history
     for epoch in range(run.epoch, cfg.epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
@@ -177,7 +192,7 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
         distributed.sum_fields(stats, ("loss", "loss_ce", "loss_distractor", "with_distractor", "correct", "seen"),
                                device)  # the epoch's figures over every rank's share
         val = classification_metrics(*_labels_probs(predict(model, val_loader, device)))
-        line = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train": stats.as_dict(),
+        line = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[-1], "train": stats.as_dict(),  # the heads' rate
                 "val": summary(val), "distractor_on": distractor_on}
         if miner is not None:
             line["mining"] = source.reset_timings()
@@ -186,6 +201,7 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
         if ctx.is_main:
             with open(out / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(line) + "\n")
+            log.epoch(history)
         state = {"model": model.state_dict(), "model_spec": spec, "classes": ds.classes, "config": cfg.to_dict(),
                  "epoch": epoch + 1, "val": val}
         score = val[cfg.select_metric] if val[cfg.select_metric] is not None else -1.0
@@ -198,6 +214,9 @@ def _train(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
     distributed.barrier()  # rank 0 has written best.pt (--out must be on a filesystem every node sees)
     best = torch.load(out / "best.pt", map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
+    log.embeddings(model, ds.val, ds.classes, make_transform(False, image_size, ds.channels, spec["normalize"]),
+                   device)
+    log.close()
     test = None  # tuning runs (evaluate_test=False) never read the test split
     if cfg.evaluate_test:
         test = classification_metrics(*_labels_probs(predict(model, test_loader, device)))
@@ -222,17 +241,32 @@ class Training:
 
 
 def build_training(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device, total_steps: int,
-                   kind: str = "auto") -> Training:
+                   kind: str = "auto", normalize: dict | None = None) -> Training:
     """Model, optimiser, per-step schedule over ``total_steps``, loss and distractor source of a config;
-    then call :func:`train_epoch` with them."""
+    then call :func:`train_epoch` with them. ``normalize``: the input statistics of the run's loaders
+    (:func:`input_normalization`), which re-embedded distractor images must share."""
     model = build_model(cfg.model, ds.num_classes, ds.channels, image_size, cfg.embed_dim, cfg.weights,
                         cfg.pretrained).to(device)
     # every parameter takes part in every step (the loss always reaches z): DDP needs no unused-parameter scan
     trainee = distributed.wrap_model(model, device, find_unused=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return Training(model, trainee, optimizer, make_scheduler(optimizer, cfg.schedule, total_steps),
+    groups = parameter_groups(model, cfg.lr, cfg.backbone_lr_scale)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    frozen_steps = cfg.freeze_stem_epochs * total_steps // cfg.epochs
+    return Training(model, trainee, optimizer, make_scheduler(optimizer, cfg.schedule, total_steps, frozen_steps),
                     DistractorLoss(cfg.margin, cfg.variant),
-                    make_source(cfg, ds, image_size, device, kind, feature_dim=model.classifier.in_features))
+                    make_source(cfg, ds, image_size, device, kind, feature_dim=model.classifier.in_features,
+                                normalize=normalize))
+
+
+def parameter_groups(model: torch.nn.Module, lr: float, backbone_lr_scale: float = 1.0) -> list[dict]:
+    """The optimiser's groups: ``stem`` (:func:`nil.models.stem`) and the rest of the ``backbone`` at
+    ``lr * backbone_lr_scale``, the ``heads`` (classifier, projection) at ``lr``."""
+    stem_ids = {id(p) for p in stem(model).parameters()}
+    backbone = [p for p in model.backbone.parameters() if id(p) not in stem_ids]
+    heads = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
+    return [{"name": "stem", "params": list(stem(model).parameters()), "lr": lr * backbone_lr_scale},
+            {"name": "backbone", "params": backbone, "lr": lr * backbone_lr_scale},
+            {"name": "heads", "params": heads, "lr": lr}]
 
 
 def _start_index(cfg: TrainConfig, ds: Dataset, device: torch.device):
@@ -252,17 +286,27 @@ def _labels_probs(p) -> tuple[np.ndarray, np.ndarray]:
     return p.labels, p.probs
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int):
-    """Per-step learning-rate schedule: ``cosine`` decays to 0 over all steps; ``step`` multiplies the
-    rate by 0.1 at 50% and 75% of the steps (the MedMNIST v2 recipe)."""
-    if schedule == "step":
-        milestones = [max(total_steps // 2, 1), max(total_steps * 3 // 4, 1)]
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, frozen_steps: int = 0):
+    """Per-step learning-rate schedule of every group: ``cosine`` decays to 0 over all steps; ``step``
+    multiplies the rate by 0.1 at 50% and 75% of the steps (the MedMNIST v2 recipe). The group named
+    ``stem`` learns at rate 0 for its first ``frozen_steps`` steps (AdamW then changes nothing, weight
+    decay included)."""
+    milestones = [max(total_steps // 2, 1), max(total_steps * 3 // 4, 1)]
+
+    def factor(step: int) -> float:
+        if schedule == "step":
+            return 0.1 ** sum(step >= m for m in milestones)
+        return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+    def frozen(step: int) -> float:
+        return 0.0 if step < frozen_steps else factor(step)
+
+    lambdas = [frozen if g.get("name") == "stem" else factor for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 def make_source(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.device,
-                kind: str = "auto", feature_dim: int | None = None) -> DistractorSource:
+                kind: str = "auto", feature_dim: int | None = None, normalize: dict | None = None) -> DistractorSource:
     """The distractor source the configuration asks for (see :mod:`nil.mining`).
 
     ``--loss ce-replay`` searches the model's pooled features (``feature_dim`` wide): its loss
@@ -282,8 +326,7 @@ def make_source(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.de
                             shard=faiss_index.DistributedIndex if distributed.context().distributed else None)
     images = None
     if cfg.fresh_distractors or cfg.loss == "ce-replay":
-        images = DistractorImages(ds.train, make_transform(True, image_size, ds.channels,
-                                                           normalization(cfg.pretrained, ds.channels)))
+        images = DistractorImages(ds.train, make_transform(True, image_size, ds.channels, normalize))
     return SearchedDistractors(miner, images, replay=cfg.loss == "ce-replay", space=space)
 
 

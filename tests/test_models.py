@@ -102,7 +102,7 @@ def test_pretrained_runs_normalise_with_imagenet_statistics_and_record_them(tmp_
     result = train(cfg)
     ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
     channels = ckpt["model_spec"]["in_channels"]
-    assert ckpt["model_spec"]["normalize"] == normalization(True, channels) != normalization(False, channels)
+    assert ckpt["model_spec"]["normalize"] == {"kind": "imagenet", **normalization("imagenet", channels)}
     assert json.loads((tmp_path / "run" / "config.json").read_text())["pretrained"] is True
     again = evaluate_checkpoint(tmp_path / "run" / "best.pt", device="cpu")  # evaluation uses the recorded statistics
     assert again["accuracy"] == pytest.approx(result["test"]["accuracy"])

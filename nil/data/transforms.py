@@ -59,6 +59,22 @@ class ImageTransform:
                 f"channels={self.channels})")
 
 
+def data_statistics(samples, image_size: int, channels: int, limit: int = 1024, seed: int = 0) -> dict:
+    """Per-channel mean and std of ``samples`` as the model sees them (channels matched, resized, in [0, 1]).
+
+    A seeded sample of at most ``limit`` images: enough for two decimals, cheap for image files.
+    A channel with no spread (std below 1/255) keeps std 1/255 so normalising never divides by ~0.
+    """
+    if len(samples) == 0:
+        raise ValueError("the training split is empty: no statistics to normalise with")
+    rows = np.random.default_rng(seed).permutation(len(samples))[:limit]
+    scale = ImageTransform(False, image_size, channels, {"mean": [0.0] * channels, "std": [1.0] * channels})
+    x = torch.stack([scale(samples.load(int(i))) for i in np.sort(rows)]).double()  # (n, C, S, S)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1 / 255)
+    return {"mean": [round(float(m), 4) for m in mean], "std": [round(float(s), 4) for s in std]}
+
+
 def make_transform(train: bool, image_size: int, channels: int,
                    normalize: dict | None = None) -> Callable[[np.ndarray], torch.Tensor]:
     """The transform for one split: uint8 ``(H, W, C)`` -> float32 ``(channels, S, S)``, S=image_size."""

@@ -1,0 +1,111 @@
+"""`nil train` fine-tuning and reporting options: input normalisation, layer-wise learning rate,
+stem freezing, --log csv|tensorboard|none."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from nil.config import TrainConfig
+from nil.errors import NilError
+from nil.evaluate import evaluate_checkpoint
+from nil.runtime import open_config_dataset
+from nil.train import build_training, train
+
+
+def _cfg(tiny_npz, tmp_path, **kw) -> TrainConfig:
+    base = dict(data=str(tiny_npz), out=str(tmp_path / "run"), model="small_cnn", epochs=2, batch_size=32,
+                embed_dim=8, ann="none", loss="ce", device="cpu", progress=False)
+    return TrainConfig(**(base | kw))
+
+
+def test_inputs_are_normalised_with_the_training_splits_own_statistics(tmp_path, tiny_npz):
+    result = train(_cfg(tiny_npz, tmp_path, epochs=1))
+    train_images = np.load(tiny_npz)["train_images"].astype(np.float64) / 255  # 96 images: all of them sampled
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]["normalize"]
+    assert recorded["kind"] == "data"
+    assert recorded["mean"] == pytest.approx(train_images.mean(axis=(0, 1, 2)), abs=1e-4)
+    assert recorded["std"] == pytest.approx(train_images.std(axis=(0, 1, 2), ddof=1), abs=1e-4)
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert ckpt["model_spec"]["normalize"] == recorded  # every later reader applies the same statistics
+    again = evaluate_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
+    assert again["accuracy"] == pytest.approx(result["test"]["accuracy"])
+
+
+def test_half_normalisation_keeps_the_fixed_statistics(tmp_path, tiny_npz):
+    train(_cfg(tiny_npz, tmp_path, epochs=1, normalize="half"))
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]["normalize"]
+    assert recorded == {"kind": "half", "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def test_backbone_learns_at_the_scaled_rate_and_the_stem_waits_its_epochs(tiny_npz, tmp_path):
+    cfg = _cfg(tiny_npz, tmp_path, lr=1e-2, backbone_lr_scale=0.1, freeze_stem_epochs=1)
+    ds = open_config_dataset(cfg)
+    steps_per_epoch = 2
+    training = build_training(cfg, ds, 16, torch.device("cpu"), total_steps=cfg.epochs * steps_per_epoch)
+    model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
+    rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert rates == {"stem": 0.0, "backbone": pytest.approx(1e-3), "heads": pytest.approx(1e-2)}
+    stem = [p for g in optimizer.param_groups if g["name"] == "stem" for p in g["params"]]
+    before = [p.detach().clone() for p in stem]
+    x = torch.randn(8, 3, 16, 16)
+    for step in range(steps_per_epoch + 1):
+        if step == steps_per_epoch:
+            assert all(torch.equal(a, b) for a, b in zip(before, stem))  # frozen epoch: not even weight decay
+        optimizer.zero_grad()
+        model(x).logits.square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, stem))  # the stem learns from the second epoch
+    rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert rates["stem"] == rates["backbone"] == pytest.approx(1e-3 * 0.01)  # unfrozen, on the shared step schedule
+
+
+def test_freezing_every_epoch_is_refused(tiny_npz, tmp_path):
+    with pytest.raises(NilError, match="--freeze-stem-epochs"):
+        _cfg(tiny_npz, tmp_path, freeze_stem_epochs=2).validate()
+
+
+def test_csv_log_is_the_epoch_lines_as_a_table(tmp_path, tiny_npz):
+    train(_cfg(tiny_npz, tmp_path, loss="nil", ann="exact"))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    table = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(table["epoch"]) == [1, 2]
+    assert table["val/balanced_accuracy"].tolist() == pytest.approx([x["val"]["balanced_accuracy"] for x in lines])
+    assert table["train/loss_distractor"].tolist() == pytest.approx([x["train"]["loss_distractor"] for x in lines])
+    assert "mining/mining_ms_per_step" in table.columns
+
+
+def test_no_log_writes_only_the_jsonl(tmp_path, tiny_npz):
+    train(_cfg(tiny_npz, tmp_path, epochs=1, log="none"))
+    assert not (tmp_path / "run" / "metrics.csv").exists() and not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_tensorboard_log_holds_scalars_and_the_best_epoch_projector(tmp_path, tiny_npz):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(_cfg(tiny_npz, tmp_path, loss="nil", ann="exact", log="tensorboard"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss_ce", "train/loss_distractor", "val/auc", "lr", "epoch_s"} <= set(tags)
+    assert [e.step for e in events.Scalars("val/auc")] == [1, 2]
+    projector = (tmp_path / "run" / "tensorboard" / "projector_config.pbtxt").read_text()
+    assert "z_best_epoch" in projector and "sprite" in projector  # thumbnails with the embeddings
+    (folder,) = [p for p in (tmp_path / "run" / "tensorboard").iterdir() if p.is_dir()]
+    labels = (folder / "z_best_epoch" / "metadata.tsv").read_text().split()
+    assert len(labels) == 24 and set(labels) <= {"0", "1", "2"}  # every validation image, with its class
+
+
+def test_tensorboard_missing_is_one_sentence_before_anything_is_written(tmp_path, tiny_npz, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(NilError, match=r"pip install 'nil\[tensorboard\]'"):
+        train(_cfg(tiny_npz, tmp_path, log="tensorboard"))
+    assert not (tmp_path / "run").exists()
