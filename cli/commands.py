@@ -94,6 +94,17 @@ def _read_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     return value
 
 
+class ModelName(click.ParamType):
+    """One of the built-in backbones, or ``timm:NAME``."""
+
+    name = "model"
+
+    def convert(self, value, param, ctx):
+        if value in MODELS or (isinstance(value, str) and value.startswith("timm:") and len(value) > 5):
+            return value
+        self.fail(f"{value!r} is not one of {', '.join(MODELS)}, nor timm:NAME", param, ctx)
+
+
 @click.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
               callback=_read_config_file,
@@ -107,8 +118,9 @@ def _read_config_file(ctx: click.Context, param: click.Parameter, value: str | N
               help="Also write a resumable last.pt every N optimiser steps (0: at epoch ends only).")
 @click.option("--on-bad-image", default=DEFAULT.on_bad_image, show_default=True, type=click.Choice(ON_BAD_IMAGE),
               help="An unreadable image file: fail naming it, or skip it (listed in RUN_DIR/skipped_images.json).")
-@click.option("--model", default=DEFAULT.model, show_default=True,
-              type=click.Choice(MODELS))
+@click.option("--model", default=DEFAULT.model, show_default=True, type=ModelName(),
+              help=f"{', '.join(MODELS)} (torchvision), or timm:NAME for any model of timm's zoo "
+                   "(pip install 'nil[timm]').")
 @click.option("--weights", default=None, type=click.Path(), help="Local state dict to start from (nothing is downloaded).")
 @click.option("--pretrained/--no-pretrained", default=DEFAULT.pretrained, show_default=True,
               help="Start the backbone from its published ImageNet weights (torchvision's weights API; downloaded "

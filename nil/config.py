@@ -49,7 +49,7 @@ class TrainConfig:
     image_size: int | None = None  # None: the data's own size (224 for image files of mixed size)
     on_bad_image: OnBadImage = "fail"  # image files are decoded once before training; fail: name the first bad one; skip: leave them out
     # model
-    model: Model = "resnet18"
+    model: Model = "resnet18"  # or timm:NAME, a backbone from timm's zoo (the nil[timm] extra)
     embed_dim: int = 128  # width of the L2-normalised embedding z
     weights: str | None = None  # local state dict to start from; nothing is downloaded
     pretrained: bool = False  # start from the backbone's published ImageNet weights (torchvision's cache)
@@ -97,7 +97,7 @@ class TrainConfig:
             raise NilError("--out is required")
         for name, choices in self.choices().items():  # every fixed-set option, from its Literal type
             value = getattr(self, name)
-            if value is not None and value not in choices:
+            if value is not None and value not in choices and not (name == "model" and value.startswith("timm:")):
                 raise NilError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),

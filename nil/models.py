@@ -116,6 +116,9 @@ def stem(model: NilNet) -> nn.Module:
         return nn.ModuleList([b.features.conv0, b.features.norm0])
     if isinstance(b, torchvision.models.EfficientNet):
         return b.features[0]  # Conv2dNormActivation: convolution, BatchNorm, SiLU
+    first_conv = getattr(b, "pretrained_cfg", {}).get("first_conv")  # a timm model names its own
+    if isinstance(first_conv, str):
+        return b.get_submodule(first_conv)
     raise NilError(f"no stem known for backbone {type(b).__name__}")  # pragma: no cover - guarded by MODELS
 
 
@@ -135,24 +138,65 @@ def build_model(
     published ImageNet weights through torchvision's weights API (downloaded once into its cache;
     see :func:`pretrained_state`). Tensors whose shape the adapted stem changed stay random.
     """
-    if name not in MODELS:
-        raise NilError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    if name not in MODELS and not is_timm(name):
+        raise NilError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}, or timm:NAME")
     if embed_dim < 1:
         raise NilError("--embed-dim must be at least 1")
+    if weights is not None and pretrained:
+        raise NilError("--pretrained and --weights both choose the starting weights; drop one")
     small = image_size < SMALL_INPUT
-    if name == "small_cnn":
+    if is_timm(name):
+        backbone = _timm_backbone(name, in_channels, pretrained)
+        width = backbone.num_features
+    elif name == "small_cnn":
         backbone = SmallCNN(in_channels)
         width = backbone.out_features
     else:
         backbone, width = _torchvision_backbone(name, in_channels, small)
     model = NilNet(backbone, width, num_classes, embed_dim)
-    if weights is not None and pretrained:
-        raise NilError("--pretrained and --weights both choose the starting weights; drop one")
     if weights is not None:
         load_weights(model, weights)
-    elif pretrained:
+    elif pretrained and not is_timm(name):  # timm loaded its weights while building
         load_state(model, pretrained_state(name), f"torchvision's ImageNet weights of {name}")
     return model
+
+
+def is_timm(name: str) -> bool:
+    """``timm:NAME``: a backbone from timm's model zoo (the optional ``nil[timm]`` extra)."""
+    return name.startswith("timm:")
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise NilError("--model timm:NAME needs the timm package: pip install 'nil[timm]'") from None
+    return timm
+
+
+def _timm_backbone(name: str, in_channels: int, pretrained: bool) -> nn.Module:
+    """timm model ``timm:NAME`` without its classifier (forward gives pooled features), through timm's
+    own factory and, with ``pretrained``, its own weights cache (the Hugging Face hub's)."""
+    timm, arch = _timm(), name.removeprefix("timm:")
+    if not timm.list_models(arch, pretrained=False) and not timm.is_model(arch):
+        raise NilError(f"timm has no model {arch!r} (timm.list_models() lists them)")
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_channels)
+    except Exception as exc:  # offline: huggingface_hub / urllib raise many types
+        if not pretrained:
+            raise
+        raise NilError(f"cannot get the pretrained weights of timm model {arch} ({type(exc).__name__}): without a "
+                       "network, pre-fill timm's Hugging Face cache ($HF_HOME, usually ~/.cache/huggingface) on a "
+                       "machine that has one, or pass --weights PATH to a local state dict") from None
+
+
+def timm_normalization(name: str, channels: int) -> dict:
+    """The mean and std timm's pretrained weights of ``timm:NAME`` were trained with."""
+    cfg = _timm().get_pretrained_cfg(name.removeprefix("timm:")) or None
+    mean, std = (cfg.mean, cfg.std) if cfg is not None else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    if channels == 1 and len(mean) == 3:  # gray images: luminance-weighted, as for ImageNet's
+        mean, std = (sum(w * m for w, m in zip((0.299, 0.587, 0.114), mean)),), (sum(std) / 3,)
+    return {"mean": list(mean), "std": list(std)}
 
 
 def pretrained_state(name: str) -> dict:

@@ -42,7 +42,7 @@ from nil.metrics import classification_metrics, summary
 from nil.batchnorm import batch_statistics
 from nil.mining import (DistractorImages, DistractorMiner, DistractorSource, EmbeddingsNotFinite, GradientDistractors,
                         SearchedDistractors, Step)
-from nil.models import build_model, normalization, stem
+from nil.models import build_model, is_timm, normalization, stem, timm_normalization
 from nil.predict import autocast, predict
 from nil.resume import Checkpointer, check_same_data, write_run_config
 from nil.runtime import open_config_dataset, resolve_device, seed_everything
@@ -52,10 +52,16 @@ LOG = logging.getLogger(__name__)
 
 def input_normalization(cfg: TrainConfig, ds: Dataset, image_size: int) -> dict:
     """The input mean and std of this run, resolved once: ``auto`` follows the weights (ImageNet's
-    with ``--pretrained``, else the training split's own statistics)."""
-    kind = cfg.normalize if cfg.normalize != "auto" else ("imagenet" if cfg.pretrained else "data")
-    stats = (data_statistics(ds.train, image_size, ds.channels, seed=cfg.seed) if kind == "data"
-             else normalization(kind, ds.channels))
+    with ``--pretrained``, a timm model's own, else the training split's own statistics)."""
+    kind = cfg.normalize
+    if kind == "auto":
+        kind = "data" if not cfg.pretrained else "weights" if is_timm(cfg.model) else "imagenet"
+    if kind == "data":
+        stats = data_statistics(ds.train, image_size, ds.channels, seed=cfg.seed)
+    elif kind == "weights":  # a timm model's weights name their own statistics
+        stats = timm_normalization(cfg.model, ds.channels)
+    else:
+        stats = normalization(kind, ds.channels)
     return {"kind": kind, **stats}
 
 

@@ -109,3 +109,45 @@ def test_tensorboard_missing_is_one_sentence_before_anything_is_written(tmp_path
     with pytest.raises(NilError, match=r"pip install 'nil\[tensorboard\]'"):
         train(_cfg(tiny_npz, tmp_path, log="tensorboard"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_timm_backbone_trains_and_its_checkpoint_evaluates(tmp_path, tiny_npz):
+    pytest.importorskip("timm")
+    result = train(_cfg(tiny_npz, tmp_path, model="timm:resnet18", epochs=1, freeze_stem_epochs=0))
+    again = evaluate_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
+    assert again["accuracy"] == pytest.approx(result["test"]["accuracy"])
+
+
+def test_a_timm_backbone_loads_a_local_state_dict_and_names_its_stem(tmp_path):
+    timm = pytest.importorskip("timm")
+    from nil.models import build_model, stem
+
+    written = timm.create_model("resnet18", num_classes=0, in_chans=3).state_dict()
+    written = {k: torch.full_like(v, 0.25) if v.is_floating_point() else v for k, v in written.items()}
+    torch.save(written, tmp_path / "backbone.pt")
+    model = build_model("timm:resnet18", 2, in_channels=3, image_size=32, weights=tmp_path / "backbone.pt")
+    assert torch.all(model.backbone.layer4[1].conv2.weight == 0.25)
+    assert stem(model) is model.backbone.conv1  # timm's pretrained_cfg names the first convolution
+
+
+def test_timm_offline_and_unknown_names_are_one_sentence(monkeypatch):
+    timm = pytest.importorskip("timm")
+    from nil.models import build_model
+
+    def offline(*args, pretrained=False, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(NilError, match=r"pretrained weights of timm model resnet18 .*--weights PATH"):
+        build_model("timm:resnet18", 2, pretrained=True)
+    with pytest.raises(NilError, match="timm has no model 'no_such_net'"):
+        build_model("timm:no_such_net", 2)
+
+
+def test_the_cli_takes_timm_names_and_refuses_others():
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    result = CliRunner().invoke(main, ["train", "--data", "x.npz", "--out", "o", "--model", "vgg"])
+    assert result.exit_code == 2 and "nor timm:NAME" in result.output
