@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from faiss_index import knn_other_class
 from nil.data import SPLITS, Dataset
-from nil.neighbours import find_suspects
+from nil.neighbours import find_suspects, knn, knn_any_class
 
 LOG = logging.getLogger(__name__)
 
@@ -98,27 +98,14 @@ COARSE_SIDE = 8  # candidate search on 8x8 gray; candidates are then measured at
 CANDIDATES = 16  # nearest coarse neighbours checked per image (and per flip of it)
 
 
-def _knn(q: torch.Tensor, x: torch.Tensor, k: int, self_offset: int | None, chunk: int = 4096):
-    """k nearest rows of x for each row of q (squared distances), a row never matching itself when
-    q is x shifted by ``self_offset``."""
-    norms = (x * x).sum(1)
-    out = []
-    for start in range(0, len(q), chunk):
-        qs = q[start:start + chunk]
-        d2 = (qs * qs).sum(1, keepdim=True) + norms[None] - 2 * qs @ x.T
-        if self_offset is not None:
-            d2[torch.arange(len(qs)), torch.arange(start, start + len(qs))] = float("inf")
-        out.append(d2.topk(min(k, x.shape[0] - 1), dim=1, largest=False).indices)
-    return torch.cat(out)
-
-
 def _near_pairs(x: torch.Tensor, threshold: float, pixel: bool) -> list[tuple[int, int, float]]:
     """Pairs (i, j, distance), i < j, within ``threshold``.
 
     Pixel space: x holds PIXEL_SIDE^2 gray values in 0..1, the distance is the RMS difference and an
     image is also compared flipped left-right and upside down; candidates come from an exact search
-    of the 8x8 averages, which keeps a 100k-image set at minutes on two cores. Embedding space: the
-    Euclidean distance of the rows."""
+    of the 8x8 averages (an IVF search from 20,000 images: a near duplicate is nearly the same
+    vector, which an IVF structure finds as surely as a flat one). Embedding space: the Euclidean
+    distance of the rows."""
     n = x.shape[0]
     if n < 2:
         return []
@@ -132,7 +119,7 @@ def _near_pairs(x: torch.Tensor, threshold: float, pixel: bool) -> list[tuple[in
         variants, coarse, scale = [x], [x], 1.0
     pairs: dict[tuple[int, int], float] = {}
     for v, c in zip(variants, coarse):
-        cand = _knn(c, coarse[0], CANDIDATES, self_offset=0)
+        _, cand = knn(c, coarse[0], CANDIDATES, self_offset=0, approximate=True)
         flat = v.reshape(n, -1)
         for start in range(0, n, 2048):  # the fine check in chunks: memory O(chunk * candidates * pixels)
             cs = cand[start:start + 2048]
@@ -211,11 +198,12 @@ def run_audit(ds: Dataset, out: str | Path, *, embeddings: np.ndarray | None = N
     # neighbour votes and confusions: on the 8x8 averages in pixel space (the full 32x32 costs 16x more)
     vote_space = feats if embeddings is not None else F.avg_pool2d(
         feats.view(n, 1, PIXEL_SIDE, PIXEL_SIDE), PIXEL_SIDE // COARSE_SIDE).flatten(1)
-    suspects = find_suspects(vote_space.numpy(), labels, k=min(20, max(1, n - 1))) if n > 2 else pd.DataFrame(
+    neighbours = knn_any_class(vote_space, 20) if n > 2 else None  # exact: shared by the vote and the confusions
+    suspects = find_suspects(vote_space.numpy(), labels, neighbours=neighbours) if n > 2 else pd.DataFrame(
         columns=["row", "label", "suspected_class", "fraction", "raw_fraction", "mean_distance"])
     suspect_rows = [member(int(r.row)) | {"suspected_class": ds.classes[int(r.suspected_class)],
                                           "fraction": round(float(r.fraction), 4)} for r in suspects.itertuples()]
-    per_class = _per_class(vote_space, labels, ds.classes)
+    per_class = _per_class(vote_space, labels, ds.classes, neighbours)
     result = {"source": source or ds.source, "format": ds.format, "images": n, "space": space,
               "threshold": limit, "exact_groups": len(exact),
               "near_groups": len(out_groups) - len(exact),
@@ -235,13 +223,26 @@ def run_audit(ds: Dataset, out: str | Path, *, embeddings: np.ndarray | None = N
     return result
 
 
-def _per_class(feats: torch.Tensor, labels: np.ndarray, classes: list[str]) -> list[dict]:
+def _per_class(feats: torch.Tensor, labels: np.ndarray, classes: list[str],
+               neighbours: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
+    """Count, share and most confused class, from each sample's nearest other-class neighbour: the first
+    other-class row among ``neighbours`` (sorted rows of :func:`knn_any_class`), searched only where
+    none of them is of another class."""
     n = len(labels)
     confused: dict[int, Counter] = {c: Counter() for c in range(len(classes))}
     if n > 1 and len(set(labels.tolist())) > 1:
         y = torch.from_numpy(labels)
-        _, nearest = knn_other_class(feats, y, feats, y, 1)
-        for lab, j in zip(labels.tolist(), nearest[:, 0].tolist()):
+        nearest = torch.full((n,), -1, dtype=torch.int64)
+        if neighbours is not None:
+            rows = neighbours[1]
+            other = y[rows] != y[:, None]
+            found = other.any(1)
+            nearest[found] = rows[found, other[found].int().argmax(1)]  # argmax: the first True
+        rest = (nearest < 0).nonzero().squeeze(1)
+        if len(rest):
+            _, far = knn_other_class(feats[rest], y[rest], feats, y, 1)
+            nearest[rest] = far[:, 0]
+        for lab, j in zip(labels.tolist(), nearest.tolist()):
             if j >= 0:
                 confused[lab][int(labels[j])] += 1
     counts = np.bincount(labels, minlength=len(classes))

@@ -88,3 +88,35 @@ def test_audit_in_a_checkpoint_embedding_space(tmp_path, tiny_npz):
     assert result.exit_code == 0, result.output
     audit = json.loads((tmp_path / "a" / "audit.json").read_text())
     assert audit["space"] == "embedding" and audit["images"] == sum(c["count"] for c in audit["per_class"])
+
+
+def test_the_confusions_from_shared_neighbours_equal_a_full_search():
+    import torch
+
+    from nil.audit import _per_class
+    from nil.neighbours import knn_any_class
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 8)) * 4  # tight clusters of one class each: many rows see no other class in 20
+    labels = np.repeat(np.arange(6) % 3, 50)
+    feats = torch.from_numpy((centres[np.repeat(np.arange(6), 50)] + rng.normal(size=(300, 8))).astype(np.float32))
+    classes = ["a", "b", "c"]
+    assert _per_class(feats, labels, classes, knn_any_class(feats, 20)) == _per_class(feats, labels, classes)
+
+
+def test_neighbour_search_excludes_the_query_and_the_ivf_path_finds_near_copies():
+    import torch
+
+    from nil.neighbours import APPROXIMATE_FROM, _knn_torch, knn
+
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.normal(size=(2000, 16)).astype(np.float32))
+    d, rows = knn(x[500:700], x, 5, self_offset=500)
+    d_ref, rows_ref = _knn_torch(x[500:700], x, 5, 500, 4096)
+    assert torch.equal(rows, rows_ref) and torch.allclose(d, d_ref, atol=1e-3)
+    n = APPROXIMATE_FROM
+    big = rng.normal(size=(n, 16)).astype(np.float32)
+    planted = rng.choice(n, 200, replace=False)
+    big[planted[100:]] = big[planted[:100]] + 1e-3 * rng.normal(size=(100, 16)).astype(np.float32)
+    _, found = knn(torch.from_numpy(big), torch.from_numpy(big), 1, self_offset=0, approximate=True)
+    assert all(int(found[a, 0]) == b for a, b in zip(planted[:100], planted[100:]))
