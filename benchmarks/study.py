@@ -119,7 +119,8 @@ def run_config(study: Study, dataset: str, model: str, arm: str, seed: int, para
 
 
 RETIRED_FIELDS = {"extra": {}}  # TrainConfig fields removed after runs were written, with the value they had
-ADDED_FIELDS = {"pretrained": False, "normalize": "half", "backbone_lr_scale": 1.0, "freeze_stem_epochs": 0}  # fields added after runs were written: left out of the key at this value
+ADDED_FIELDS = {"pretrained": False, "normalize": "half", "backbone_lr_scale": 1.0, "freeze_stem_epochs": 0,
+                "ann_nprobe": None, "ann_rerank": None}  # fields added after runs were written: left out of the key at this value
 
 
 def run_key(stage: str, cfg: TrainConfig) -> str:

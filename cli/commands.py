@@ -161,6 +161,10 @@ class ModelName(click.ParamType):
               help="Index kind for --ann faiss: flat, ivf, ivfpq, hnsw, cagra, exact; auto: the engine's "
                    "default for the device (ivfpq on CPU, exact on CUDA).")
 @click.option("--refresh-every", default=DEFAULT.refresh_every, show_default=True, help="Steps between rebuilds of the ANN structure.")
+@click.option("--ann-nprobe", default=None, type=click.IntRange(min=1),
+              help="--ann faiss: lists probed per query [default: the engine's for the kind]; more: higher recall, slower.")
+@click.option("--ann-rerank", default=None, type=click.IntRange(min=1),
+              help="--ann faiss: candidates re-ranked exactly per query [default: 128 for ivfpq]; more: higher recall.")
 @click.option("--audit-every", default=DEFAULT.audit_every, show_default=True, help="--ann faiss: steps between recall@1 audits of 32 queries against exact search, written to metrics.jsonl (0: off).")
 @click.option("--index-from", default=None, type=click.Path(), help="Start the memory from an index built by `nil index build`.")
 @click.option("--val-fraction", default=DEFAULT.val_fraction, show_default=True, help="Seeded split, for data without its own splits.")

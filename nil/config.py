@@ -75,6 +75,8 @@ class TrainConfig:
     ann: Ann = "exact"  # none: within the batch; exact: torch engine; faiss: FAISS engine
     ann_index: str = "auto"  # kind for --ann faiss; auto: the engine's default for the device
     refresh_every: int = 200  # steps between rebuilds of the approximate structure
+    ann_nprobe: int | None = None  # --ann faiss: lists probed per query (None: the engine's default for the kind)
+    ann_rerank: int | None = None  # --ann faiss: candidates re-ranked exactly per query (None: the default, 128 for ivfpq)
     audit_every: int = 200  # --ann faiss: steps between recall@1 audits of 32 queries against exact search (0: never)
     index_from: str | None = None  # start the memory from an index folder built by `nil index build`
     # run
@@ -121,6 +123,10 @@ class TrainConfig:
              and self.val_fraction + self.test_fraction < 1, "split fractions must lie in [0, 1) and sum below 1"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device must be auto, cpu or cuda"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be non-negative"),
+            (self.ann_nprobe is None or self.ann_nprobe >= 1, "--ann-nprobe must be at least 1"),
+            (self.ann_rerank is None or self.ann_rerank >= 1, "--ann-rerank must be at least 1"),
+            ((self.ann_nprobe is None and self.ann_rerank is None) or self.ann == "faiss",
+             "--ann-nprobe and --ann-rerank tune the FAISS search: they need --ann faiss"),
             (self.backbone_lr_scale > 0, "--backbone-lr-scale must be positive"),
             (0 <= self.freeze_stem_epochs < self.epochs, "--freeze-stem-epochs must lie in [0, --epochs)"),
             (not (self.pretrained and self.weights), "--pretrained and --weights both choose the starting weights; "

@@ -329,6 +329,8 @@ def make_source(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.de
     miner = DistractorMiner(cfg.ann, ds.num_classes, dim, device, kind=kind,
                             refresh_every=cfg.refresh_every, need_positive=cfg.variant == "triplet",
                             audit_every=cfg.audit_every, index=_start_index(cfg, ds, device),
+                            search_params={k: v for k, v in (("nprobe", cfg.ann_nprobe), ("rerank", cfg.ann_rerank))
+                                           if v is not None},
                             shard=faiss_index.DistributedIndex if distributed.context().distributed else None)
     images = None
     if cfg.fresh_distractors or cfg.loss == "ce-replay":

@@ -151,3 +151,13 @@ def test_the_cli_takes_timm_names_and_refuses_others():
 
     result = CliRunner().invoke(main, ["train", "--data", "x.npz", "--out", "o", "--model", "vgg"])
     assert result.exit_code == 2 and "nor timm:NAME" in result.output
+
+
+def test_the_faiss_search_knobs_reach_the_index_and_need_ann_faiss(tiny_npz, tmp_path):
+    pytest.importorskip("faiss")
+    cfg = _cfg(tiny_npz, tmp_path, loss="nil", ann="faiss", ann_index="ivfpq", ann_nprobe=3, ann_rerank=7)
+    training = build_training(cfg, open_config_dataset(cfg), 16, torch.device("cpu"), total_steps=4)
+    params = training.source.miner.index.params
+    assert params["nprobe"] == 3 and params["rerank"] == 7
+    with pytest.raises(NilError, match="need --ann faiss"):
+        _cfg(tiny_npz, tmp_path, loss="nil", ann="exact", ann_rerank=7).validate()
