@@ -5,6 +5,8 @@
 ...     hits = c.search(z, labels, k=5)        # z (Q, D) float32, labels (Q,) int
 ...     hits.ids, hits.distances, hits.keys     # (Q, k) int64, (Q, k) float32, Q lists of k str
 
+``Client(..., binary=True)`` sends searches and upserts as ``.npy`` arrays and reads the answers
+as arrays (:mod:`faiss_index.npy_stream`): the same results, for less CPU on both sides than JSON.
 Every 4xx/5xx answer raises :class:`ServiceError` carrying the status and the server's detail.
 """
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+from . import npy_stream
 
 LOG = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ class ServiceError(Exception):
             return []
         out = []
         for e in self.detail:
-            names = [x for x in (e.get("loc") or []) if isinstance(x, str) and x != "body"]
+            names = [x for x in (e.get("loc") or []) if isinstance(x, str) and x not in ("body", "query")]
             if names:
                 out.append(names[0])
         return out
@@ -73,20 +77,31 @@ class Neighbours:
                    distances=dist.reshape(q, k), keys=payload["keys"],
                    query_labels=None if ql is None else np.array(ql, dtype=np.int64))
 
+    @classmethod
+    def from_npy(cls, body: bytes) -> Neighbours:
+        a = npy_stream.loads(body, npy_stream.ANSWER_ARRAYS)
+        return cls(ids=a["ids"], labels=a["labels"], distances=a["distances"], keys=a["keys"].tolist())
 
-def _rows(x: Any, dtype) -> list:
+
+def _array(x: Any, dtype) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor, possibly on a GPU
         x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype).tolist()
+    return np.asarray(x, dtype=dtype)
+
+
+def _rows(x: Any, dtype) -> list:
+    return _array(x, dtype).tolist()
 
 
 class Client:
-    """Talks to one service at ``url``; ``token`` is sent as a bearer token when given."""
+    """Talks to one service at ``url``; ``token`` is sent as a bearer token when given; ``binary``
+    sends searches and upserts as ``.npy`` arrays (and reads search answers so) instead of JSON."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, binary: bool = False):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        self.binary = binary
 
     def __enter__(self) -> "Client":
         return self
@@ -98,7 +113,7 @@ class Client:
         self._http.close()
 
     # ------------------------------------------------------------------ requests
-    def _call(self, method: str, path: str, **kw) -> dict:
+    def _request(self, method: str, path: str, **kw) -> httpx.Response:
         r = self._http.request(method, path, **kw)
         if r.status_code >= 400:
             try:
@@ -106,7 +121,14 @@ class Client:
             except (ValueError, AttributeError):
                 detail = r.text
             raise ServiceError(r.status_code, detail)
-        return r.json()
+        return r
+
+    def _call(self, method: str, path: str, **kw) -> dict:
+        return self._request(method, path, **kw).json()
+
+    def _post_npy(self, path: str, *arrays: np.ndarray, **kw) -> httpx.Response:
+        headers = {"Content-Type": npy_stream.MEDIA_TYPE, "Accept": f"{npy_stream.MEDIA_TYPE}, application/json"}
+        return self._request("POST", path, content=npy_stream.dumps(*arrays), headers=headers, **kw)
 
     def _post_json(self, path: str, payload: dict) -> dict:
         # allow_nan: a NaN is sent as such, so the server names it instead of the client failing
@@ -123,6 +145,10 @@ class Client:
 
     def search(self, vectors: Any, labels: Any, k: int = 5) -> Neighbours:
         """Nearest stored samples of another class: vectors (Q, D) float, labels (Q,) int."""
+        if self.binary:
+            r = self._post_npy("/v1/search", _array(vectors, np.float32), _array(labels, np.int64),
+                               params={"k": int(k)})
+            return Neighbours.from_npy(r.content)
         payload = {"vectors": _rows(vectors, np.float32), "labels": _rows(labels, np.int64), "k": int(k)}
         return Neighbours.from_json(self._post_json("/v1/search", payload))
 
@@ -138,6 +164,11 @@ class Client:
 
     def upsert(self, ids: Any, vectors: Any, labels: Any, keys: list[str] | None = None) -> dict:
         """Insert or replace samples: ids (B,) int >= 0, vectors (B, D), labels (B,); needs the token."""
+        if self.binary:
+            arrays = [_array(ids, np.int64), _array(vectors, np.float32), _array(labels, np.int64)]
+            if keys is not None:
+                arrays.append(np.array([str(x) for x in keys], dtype=str))
+            return self._post_npy("/v1/upsert", *arrays).json()
         payload = {"ids": _rows(ids, np.int64), "vectors": _rows(vectors, np.float32), "labels": _rows(labels, np.int64)}
         if keys is not None:
             payload["keys"] = [str(x) for x in keys]

@@ -129,6 +129,27 @@ def test_search_equals_the_in_process_engine(served):
     assert got.keys == [[served.keys[i] for i in row] for row in ref.ids.tolist()]
 
 
+def test_binary_client_answers_like_json(served):
+    x, y = clustered(40, DIM, CLASSES, clusters_per_class=10, seed=2)
+    with served.server.client() as c, Client(served.server.url, token=TOKEN, binary=True) as b:
+        for k in (1, 7):
+            want, got = c.search(x, y, k=k), b.search(x, y, k=k)
+            assert got.ids.dtype == np.int64 and got.distances.dtype == np.float32
+            np.testing.assert_array_equal(got.ids, want.ids)
+            np.testing.assert_array_equal(got.labels, want.labels)
+            np.testing.assert_array_equal(got.distances, want.distances)
+            assert got.keys == want.keys
+        with pytest.raises(ServiceError) as e:
+            b.search(x[:, :-1], y)
+        assert e.value.status == 422 and e.value.fields == ["vectors"] and "dimension" in str(e.value)
+        with pytest.raises(ServiceError) as e:
+            b.search(x, y, k=101)
+        assert e.value.status == 422 and e.value.fields == ["k"]
+    with Client(served.server.url, token=None, binary=True) as anonymous, pytest.raises(ServiceError) as e:
+        anonymous.search(x, y)
+    assert e.value.status == 401
+
+
 def test_image_search_embeds_with_the_index_checkpoint(served, tmp_path):
     from nil.indexing import embed_image
 
@@ -273,6 +294,22 @@ def test_upsert_is_visible_to_the_next_search(served):
     served.upsert([1_000_003], -q, [2])
     hit = served.client.search(-q, [1], k=1)
     assert hit.ids.tolist() == [[1_000_003]] and hit.keys == [["new/patch.png"]]
+    assert served.client.index_info()["counts"] == served.reference.counts()
+
+
+def test_binary_upsert_is_visible_to_the_next_search(served):
+    q = np.full((2, DIM), -0.3, np.float32)
+    q[1, ::2] *= -1
+    with Client(served.server.url, token=TOKEN, binary=True) as b:
+        out = b.upsert([1_000_005, 1_000_006], q, [1, 2], keys=["bin/a.png", "bin/b.png"])
+        served.reference.upsert(torch.tensor([1_000_005, 1_000_006]), torch.from_numpy(q), torch.tensor([1, 2]))
+        served.keys.update({1_000_005: "bin/a.png", 1_000_006: "bin/b.png"})
+        assert out == {"upserted": 2, "count": len(served.reference)}
+        hit = served.client.search(q, [0, 0], k=1)
+        assert hit.ids.tolist() == [[1_000_005], [1_000_006]] and hit.keys == [["bin/a.png"], ["bin/b.png"]]
+        with pytest.raises(ServiceError) as e:
+            b.upsert([-4], q[:1], [0])
+        assert e.value.status == 422 and e.value.fields == ["ids"]
     assert served.client.index_info()["counts"] == served.reference.counts()
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 LOG = logging.getLogger(__name__)
 
 __all__ = ["SearchRequest", "SearchResponse", "UpsertRequest", "UpsertResponse", "SnapshotRequest",
-           "SnapshotResponse", "Health", "IndexInfo", "json_body", "parse"]
+           "SnapshotResponse", "Health", "IndexInfo", "json_body", "npy_body", "parse"]
 
 _INT64_MAX = (1 << 63) - 1
 
@@ -80,9 +80,19 @@ class IndexInfo(BaseModel):
     upserts_since_snapshot: int
 
 
-def json_body(model: type[BaseModel]) -> dict:
-    """An OpenAPI requestBody for a JSON body of ``model`` (for routes that parse their body themselves)."""
-    return {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}
+def json_body(model: type[BaseModel], npy: str | None = None) -> dict:
+    """An OpenAPI requestBody for a JSON body of ``model`` (for routes that parse their body themselves),
+    and, given ``npy`` (the arrays it holds), for the same as ``application/x-npy`` arrays."""
+    content = {"application/json": {"schema": model.model_json_schema()}}
+    if npy:
+        content["application/x-npy"] = npy_body(npy)
+    return {"required": True, "content": content}
+
+
+def npy_body(arrays: str) -> dict:
+    """An OpenAPI media-type entry for ``application/x-npy``: ``arrays`` says which, in order."""
+    return {"schema": {"type": "string", "format": "binary",
+                       "description": f".npy arrays one after another (np.save each into one buffer): {arrays}."}}
 
 
 def parse(model: type[BaseModel], body: bytes) -> BaseModel:

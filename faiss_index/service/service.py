@@ -32,7 +32,7 @@ class ServiceLimits:
 
 
 class IndexService:
-    """The index behind the HTTP layer: validated numpy in, JSON-ready results out (blocking calls)."""
+    """The index behind the HTTP layer: validated numpy in, numpy out (blocking calls)."""
 
     def __init__(self, index: BaseIndex, manifest: dict, folder: Path, keys: np.ndarray | None,
                  embed: Embedder | None, writable: bool):
@@ -50,19 +50,16 @@ class IndexService:
         self.upserts_since_snapshot = 0
 
     # ----------------------------------------------------------------- reads
-    def search(self, xq: np.ndarray, yq: np.ndarray, k: int) -> dict:
-        """xq (Q, D) float32, yq (Q,) int64 -> {"ids", "labels", "distances", "keys"}, each Q lists of k."""
+    def search(self, xq: np.ndarray, yq: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        """xq (Q, D) float32, yq (Q,) int64 -> {"ids", "labels": (Q, k) int64 (-1 where there is no
+        neighbour), "distances": (Q, k) float32 (inf where none), "keys": (Q, k) str ("" where none)}."""
         res = self.index.search_other_class(torch.from_numpy(xq), torch.from_numpy(yq), k)
-        ids = res.ids.cpu()
+        ids = res.ids.cpu().numpy()
         found = ids >= 0
-        rows = self.index.store.rows_of(ids.clamp_min(0).reshape(-1)).cpu().numpy()
-        keys = np.where(found.reshape(-1).numpy(), self.keys[rows], "").reshape(ids.shape).tolist()
-        dist = res.distances.cpu().numpy()
-        distances = dist.tolist()
-        if not bool(found.all()):  # JSON has no infinity: a missing neighbour has distance null
-            distances = [[d if f else None for d, f in zip(dr, fr)]
-                         for dr, fr in zip(distances, found.tolist())]
-        return {"ids": ids.tolist(), "labels": res.labels.cpu().tolist(), "distances": distances, "keys": keys}
+        rows = self.index.store.rows_of(torch.from_numpy(ids).clamp_min(0).reshape(-1)).cpu().numpy()
+        keys = np.where(found.reshape(-1), self.keys[rows], "").reshape(ids.shape)
+        dist = res.distances.cpu().numpy().astype(np.float32, copy=False)
+        return {"ids": ids, "labels": res.labels.cpu().numpy(), "distances": dist, "keys": keys}
 
     def info(self) -> dict:
         m = self.manifest
