@@ -1,4 +1,4 @@
-"""``nil bench serve``: throughput and latency of ``nil index serve`` under concurrent clients."""
+"""``nil bench serve``: throughput and latency of ``nil index serve``, closed loop and open loop, JSON and .npy."""
 
 from __future__ import annotations
 
@@ -7,6 +7,28 @@ from pathlib import Path
 import click
 
 from cli.bench_commands import _invocation, bench
+
+
+def _formats(ctx, param, value: str) -> tuple[str, ...]:
+    from benchmarks.serve import FORMATS
+
+    out = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    wrong = [v for v in out if v not in FORMATS]
+    if wrong or not out:
+        raise click.BadParameter(f"{value!r}: give one or more of {', '.join(FORMATS)}, comma-separated.")
+    return out
+
+
+def _rates(ctx, param, value: str | None) -> tuple[float, ...]:
+    if not value:
+        return ()
+    try:
+        out = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of requests per second.") from None
+    if any(not r > 0 for r in out):
+        raise click.BadParameter(f"{value!r}: every rate must be above 0.")
+    return tuple(int(r) if r.is_integer() else r for r in sorted(set(out)))
 
 
 @bench.command("serve")
@@ -18,12 +40,27 @@ from cli.bench_commands import _invocation, bench
               help="Index kind; auto: the engine's CPU default.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the vectors and the queries.")
 # load
-@click.option("--requests", default=5000, show_default=True, type=click.IntRange(1), help="Search requests in all.")
-@click.option("--clients", default=16, show_default=True, type=click.IntRange(1), help="Concurrent clients.")
+@click.option("--format", "formats", default="json", show_default=True, callback=_formats,
+              help="Body formats, comma-separated, measured side by side on the same server: json, npy (.npy "
+                   "arrays in and out).")
+@click.option("--requests", default=5000, show_default=True, type=click.IntRange(1),
+              help="Closed loop: search requests in all, per format.")
+@click.option("--clients", default=16, show_default=True, type=click.IntRange(1),
+              help="Closed loop: concurrent clients.")
 @click.option("--batch", default=32, show_default=True, type=click.IntRange(1), help="Query vectors per request.")
 @click.option("--k", default=5, show_default=True, type=click.IntRange(1), help="Neighbours per query.")
-@click.option("--warmup", default=64, show_default=True, type=click.IntRange(0), help="Untimed requests first.")
-@click.option("--max-seconds", default=600.0, show_default=True, help="Time budget of the timed requests.")
+@click.option("--warmup", default=64, show_default=True, type=click.IntRange(0),
+              help="Untimed requests first, per format.")
+@click.option("--max-seconds", default=600.0, show_default=True, help="Time budget of each closed-loop phase.")
+@click.option("--rates", default=None, callback=_rates,
+              help="Open loop: arrival rates in requests/s, comma-separated (e.g. 100,200,300,400,600); each "
+                   "sends on a fixed schedule, latency from the time a request was due [default: no open loop].")
+@click.option("--rate-seconds", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Open loop: seconds each rate sends for.")
+@click.option("--connections", default=64, show_default=True, type=click.IntRange(1),
+              help="Open loop: most connections at once (a request waits for a free one, and that time counts).")
+@click.option("--request-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Open loop: seconds after which an unanswered request counts as an error.")
 # server
 @click.option("--search-threads", default=None, type=click.IntRange(1),
               help="The server's --search-threads [default: its own default].")
@@ -35,18 +72,21 @@ from cli.bench_commands import _invocation, bench
 @click.option("--out", default="benchmarks/results/serve.json", show_default=True, type=click.Path(),
               help="Result JSON; the .md table is written beside it.")
 @click.pass_context
-def bench_serve(ctx, n, dim, classes, kind, seed, requests, clients, batch, k, warmup, max_seconds, search_threads,
-                torch_threads, workers, out):
-    """Concurrent clients against a real `nil index serve` on loopback: throughput, p50/p95/p99, errors.
+def bench_serve(ctx, n, dim, classes, kind, seed, formats, requests, clients, batch, k, warmup, max_seconds, rates,
+                rate_seconds, connections, request_timeout, search_threads, torch_threads, workers, out):
+    """Load a real `nil index serve` on loopback: throughput, p50/p95/p99, errors, closed and open loop.
 
-    Builds a seeded index of N clustered vectors, serves it from its own process, and sends the
-    search requests from this one (asyncio + httpx), bounded in count and in time.
+    Builds a seeded index of N clustered vectors and serves it from its own process. From this
+    one: a closed loop of concurrent clients (asyncio + httpx), then, with --rates, an open loop
+    per rate (requests sent on a fixed schedule, latency from the time each was due), for each
+    body format in turn; bounded in count and in time.
     """
     from benchmarks.serve import ServeBench, run_serve_bench
 
-    cfg = ServeBench(n=n, dim=dim, classes=classes, kind=kind, seed=seed, requests=requests, clients=clients,
-                     batch=batch, k=k, warmup=warmup, max_seconds=max_seconds, search_threads=search_threads,
-                     torch_threads=torch_threads, workers=workers, out=out)
+    cfg = ServeBench(n=n, dim=dim, classes=classes, kind=kind, seed=seed, formats=formats, requests=requests,
+                     clients=clients, batch=batch, k=k, warmup=warmup, max_seconds=max_seconds, rates=rates,
+                     rate_seconds=rate_seconds, connections=connections, request_timeout=request_timeout,
+                     search_threads=search_threads, torch_threads=torch_threads, workers=workers, out=out)
     run_serve_bench(cfg, command=_invocation(ctx))
     click.echo(Path(out).with_suffix(".md").read_text())
     click.echo(f"wrote {out} and {Path(out).with_suffix('.md')}")
