@@ -25,6 +25,7 @@ import gc
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import faiss_index
 from benchmarks.measure import PeakMemory, median
 from benchmarks.report import close_envelope, envelope, fmt, machine_lines, markdown_head, markdown_table, write_result
 from faiss_index.engines.exact import knn_other_class
-from faiss_index.synthetic import ClusteredSpec, clustered_vectors, moved
+from faiss_index.synthetic import ClusteredSpec, iter_chunks, moved
 
 LOG = logging.getLogger(__name__)
 
@@ -65,20 +66,25 @@ class StreamBench:
         return max(1, round(self.cycles * self.refresh_every))
 
 
-def load_data(spec: str, n: int, cfg: StreamBench) -> tuple[np.ndarray, np.ndarray]:
-    """Vectors float32 (n, d) L2-normalised and labels int64 (n,) of one data kind."""
-    if spec == "clusters":
-        return clustered_vectors(n, ClusteredSpec(dim=cfg.dim, classes=cfg.classes, seed=cfg.seed), cfg.progress)
-    if spec == "class-pure":
-        pure = ClusteredSpec(dim=cfg.dim, classes=cfg.classes, clusters_per_class=30, classes_per_site=1,
-                             site_jitter=0.0, seed=cfg.seed)
-        return clustered_vectors(n, pure, cfg.progress)
+def data_chunks(spec: str, n: int, cfg: StreamBench) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Vectors float32 (c, d) L2-normalised and labels int64 (c,) of one data kind, chunk by chunk,
+    so the benchmark never holds a second copy of what the index stores."""
+    if spec in ("clusters", "class-pure"):
+        clusters = ClusteredSpec(dim=cfg.dim, classes=cfg.classes, seed=cfg.seed)
+        if spec == "class-pure":
+            clusters = ClusteredSpec(dim=cfg.dim, classes=cfg.classes, clusters_per_class=30, classes_per_site=1,
+                                     site_jitter=0.0, seed=cfg.seed)
+        for _, x, y in iter_chunks(n, clusters):
+            yield x, y
+        return
     if spec.startswith("trained:"):
         index, _ = faiss_index.load_index(spec.split(":", 1)[1], device="cpu")
         x, y, _ = index.store.view()
         if x.shape[0] < n:
             raise ValueError(f"{spec} holds {x.shape[0]:,} embeddings, fewer than --n {n:,}")
-        return x[:n].numpy().copy(), y[:n].numpy().copy()
+        for s in range(0, n, 1 << 16):
+            yield x[s:min(n, s + (1 << 16))].numpy().copy(), y[s:min(n, s + (1 << 16))].numpy().copy()
+        return
     raise ValueError(f"unknown data {spec!r}: clusters, class-pure or trained:INDEX_DIR")
 
 
@@ -115,29 +121,33 @@ def run_stream(cfg: StreamBench, command: str) -> dict:
 
 def _stream_row(cfg: StreamBench, kind: str, data: str, n: int) -> dict:
     device = torch.device(cfg.device)
-    x_np, y_np = load_data(data, n, cfg)
     with PeakMemory(device) as mem:
-        x, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
-        ids = torch.arange(n, device=device)
-        index = faiss_index.make_index(kind, x.shape[1], cfg.classes, device=str(device),
-                                       refresh_every=cfg.refresh_every, **cfg.params)
+        # the data streams into the index chunk by chunk: the index's store is the only full copy
+        index, build_s, start = None, 0.0, 0
+        for xc, yc in data_chunks(data, n, cfg):
+            if index is None:  # the data's own width (trained embeddings need not be cfg.dim wide)
+                index = faiss_index.make_index(kind, xc.shape[1], cfg.classes, device=str(device),
+                                               refresh_every=cfg.refresh_every, **cfg.params)
+                index.reserve(n)
+            t0 = time.perf_counter()
+            index.upsert(torch.arange(start, start + len(xc), device=device), torch.from_numpy(xc).to(device),
+                         torch.from_numpy(yc).to(device))
+            build_s += time.perf_counter() - t0
+            start += len(xc)
         t0 = time.perf_counter()
-        for s in range(0, n, 1 << 16):
-            index.upsert(ids[s:s + (1 << 16)], x[s:s + (1 << 16)], y[s:s + (1 << 16)])
         index.refresh()
-        build_s = time.perf_counter() - t0
+        build_s += time.perf_counter() - t0
         rng = np.random.default_rng([cfg.seed, 4, n])
         step_ms, search_ms, upsert_ms, exact_ms, recall = [], [], [], [], []
         for step in tqdm(range(cfg.steps), desc=f"{kind} {data} {n:,}", disable=not cfg.progress, leave=False):
             rows = torch.from_numpy(rng.choice(n, size=cfg.batch, replace=False)).to(device)
-            v = torch.from_numpy(moved(x_np[rows.cpu().numpy()], seed=cfg.seed * 100_003 + step)).to(device)
-            yq = y[rows]
+            current, yq = index.get(rows)  # ids are rows 0..n-1: each sample's stored vector and label
+            v = torch.from_numpy(moved(current.cpu().numpy(), seed=cfg.seed * 100_003 + step)).to(device)
             t0 = time.perf_counter()
             res = index.search_other_class(v, yq, 1, query_ids=rows)
             t1 = time.perf_counter()
             index.upsert(rows, v, yq)
             t2 = time.perf_counter()
-            x_np[rows.cpu().numpy()] = v.cpu().numpy()
             search_ms.append((t1 - t0) * 1e3)
             upsert_ms.append((t2 - t1) * 1e3)
             step_ms.append((t2 - t0) * 1e3)

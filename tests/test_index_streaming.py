@@ -291,3 +291,22 @@ def test_a_process_that_ends_during_a_background_rebuild_exits_cleanly():
             "assert ix._job is not None\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "terminate" not in run.stderr, run.stderr[-1000:]
+
+
+def test_a_bulk_load_keeps_one_copy_of_the_vectors_and_is_searched_exactly():
+    from faiss_index import knn_other_class
+
+    x, y = base_data(n=5000, seed=5)
+    index = make_index("ivfpq", DIM, 3, refresh_every=0)
+    index.reserve(5000)
+    for s in range(0, 5000, 1000):
+        index.upsert(torch.arange(s, s + 1000), x[s:s + 1000], y[s:s + 1000])
+    assert index.store.capacity == 5000  # reserved exactly: no doubling past the load
+    assert index.delta.nbytes() < 200_000  # the delta holds no copy of an unbuilt index's rows
+    q, yq = x[:50] + 0.01, (y[:50] + 1) % 3
+    d_true, i_true = knn_other_class(q, yq, x, y, 3)
+    r = index.search_other_class(q, yq, 3)
+    assert torch.equal(r.ids, i_true) and torch.allclose(r.distances, d_true)  # exact before the build
+    index.build()
+    index.upsert(torch.arange(10), x[:10] * 2, y[:10])
+    assert index.delta_size == 10  # after the build, changed rows are the delta again

@@ -53,6 +53,10 @@ class BaseIndex(ABC):
         """
         return self.store.upsert(ids, vectors, labels, self.num_classes)
 
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` stored samples at once (a bulk load of known size keeps memory at n rows)."""
+        self.store.reserve(int(n))
+
     def get(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Freshest vectors (B, D) float32 and labels (B,) int64 of ids (zeros / -1 if unknown)."""
         return self.store.get(ids)

@@ -114,8 +114,12 @@ class FaissIndex(BaseIndex):
 
     @property
     def delta_size(self) -> int:
-        """Rows changed since the last build, searched exactly."""
-        return len(self.delta)
+        """Rows changed since the last build, searched exactly (before the first build: every row)."""
+        return len(self.delta) if self.engine.built else len(self.store)
+
+    def _changed(self) -> torch.Tensor | None:
+        """Rows changed since the structure in use was built; None before the first build (all of them)."""
+        return self.delta.changed(len(self.store)) if self.engine.built else None
 
     def upsert(self, ids: Any, vectors: Any, labels: Any) -> torch.Tensor:
         """Write samples to the store and the exact delta; refresh every ``refresh_every`` calls.
@@ -125,7 +129,8 @@ class FaissIndex(BaseIndex):
         rows = self.store.upsert(ids, vectors, labels, self.num_classes)
         s = self.store
         fresh = (rows, s.vectors[rows], s.labels[rows], s.ids[rows])
-        self.delta.write(*fresh)
+        if self.engine.built:  # before the first build the store itself is searched: no second copy
+            self.delta.write(*fresh)
         if self._job is not None:
             self._job.since.write(*fresh)
         self._steps += 1
@@ -147,7 +152,7 @@ class FaissIndex(BaseIndex):
         self._finish_rebuild()
         n = len(self.store)
         engine = copy.copy(self.engine)
-        prepared = engine.prepare(self.store.vectors[:n], self.store.labels[:n], self.delta.changed(n))
+        prepared = engine.prepare(self.store.vectors[:n], self.store.labels[:n], self._changed())
         job = _Rebuild(engine=engine, since=DeltaBuffer(self.dim, self.device),
                        swap_at=max(1, self.refresh_every // 4))
         follow_torch_threads(self._faiss)
@@ -218,7 +223,7 @@ class FaissIndex(BaseIndex):
         t0 = time.perf_counter()
         follow_torch_threads(self._faiss)
         vectors, labels, _ = self.store.view()
-        self.engine.build(vectors, labels, changed=self.delta.changed(len(self.store)))
+        self.engine.build(vectors, labels, changed=self._changed())
         self.delta.clear()
         self._steps = 0
         self.last_refresh_s = time.perf_counter() - t0
@@ -229,6 +234,9 @@ class FaissIndex(BaseIndex):
     def _search_rows(self, xq, yq, qid, k, same_class):
         vectors, labels, ids = self.store.view()
         nq = xq.shape[0]
+        if not self.engine.built:  # nothing built yet (a bulk load before its first refresh): exact
+            return knn_other_class(xq, yq, vectors, labels, k, qid=qid, bid=ids if qid is not None else None,
+                                   same_class=same_class)
         parts = []
         if self.engine.built and nq:
             follow_torch_threads(self._faiss)

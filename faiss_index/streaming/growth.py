@@ -23,8 +23,8 @@ def grow_table(table: torch.Tensor, index: int) -> torch.Tensor:
 
 
 def grow_rows(tensors: tuple[torch.Tensor, ...], used: int, n: int,
-              fills: tuple[float | int | None, ...]) -> tuple[torch.Tensor, ...]:
-    """Tensors sharing a first dimension (capacity), doubled until they hold n rows.
+              fills: tuple[float | int | None, ...], exact: bool = False) -> tuple[torch.Tensor, ...]:
+    """Tensors sharing a first dimension (capacity), doubled until they hold n rows (``exact``: n rows).
 
     The first ``used`` rows are kept; new rows are filled with the matching ``fills`` entry (None:
     left uninitialised). Returned unchanged when n fits.
@@ -32,8 +32,9 @@ def grow_rows(tensors: tuple[torch.Tensor, ...], used: int, n: int,
     cap = tensors[0].shape[0]
     if n <= cap:
         return tensors
-    while cap < n:
+    while cap < n and not exact:
         cap *= 2
+    cap = n if exact else cap
     out = []
     for old, fill in zip(tensors, fills):
         shape = (cap, *old.shape[1:])

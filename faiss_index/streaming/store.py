@@ -123,6 +123,13 @@ class VectorStore:
         self.vectors, self.labels, self.ids = grow_rows((self.vectors, self.labels, self.ids), self._n, n,
                                                         fills=(0.0, -1, -1))
 
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` rows in one step, exactly (a bulk load that knows its size: geometric
+        growth would hold up to twice the rows, and briefly old and new copies together)."""
+        if n > self.capacity:
+            self.vectors, self.labels, self.ids = grow_rows((self.vectors, self.labels, self.ids), self._n, n,
+                                                            fills=(0.0, -1, -1), exact=True)
+
     def rows_of(self, ids: Any) -> torch.Tensor:
         """ids: (B,) int -> (B,) int64 rows, -1 for ids not stored."""
         return self._map.lookup(as_ids(ids, self.device))
