@@ -171,7 +171,7 @@ def test_two_process_torchrun_training_matches_one_process(tmp_path, tiny_npz):
     runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert runs == ["ddp", "one"]  # one run folder for the two processes
     ddp = tmp_path / "ddp"
-    files = {"config.json", "config.yaml", "splits.json", "metrics.jsonl", "last.pt", "best.pt", "metrics.json"}
+    files = {"config.json", "config.yaml", "splits.json", "metrics.jsonl", "metrics.csv", "last.pt", "best.pt", "metrics.json"}
     assert {p.name for p in ddp.iterdir()} == files  # no memory snapshot: --resume is single-process
     assert {p.name for p in (tmp_path / "one").iterdir()} >= files
     config = json.loads((ddp / "config.json").read_text())
