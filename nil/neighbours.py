@@ -6,6 +6,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from faiss_index.engines.faiss_lib import import_faiss
+from faiss_index import FaissUnavailableError
+
 __all__ = ["knn", "knn_any_class", "find_suspects"]
 
 APPROXIMATE_FROM = 20_000  # rows from which knn(approximate=True) searches an IVF structure
@@ -13,11 +16,11 @@ NPROBE = 16
 
 
 def _faiss():
+    """The faiss module (the nil[cpu] / nil[gpu] extra), or None: the search then runs in torch."""
     try:
-        import faiss  # noqa: PLC0415 - optional: the nil[cpu] / nil[gpu] extra
-    except ImportError:
+        return import_faiss()
+    except FaissUnavailableError:
         return None
-    return faiss
 
 
 def knn(q: torch.Tensor, x: torch.Tensor, k: int, self_offset: int | None = None, approximate: bool = False,

@@ -20,8 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from torch.utils.data import DataLoader
+
+from nil.data.base import TorchSplit
 from nil.data.transforms import ImageTransform
 from nil.errors import NilError
+from nil.predict import predict
 
 PROJECTOR_SAMPLES = 512  # validation images shown in the projector
 THUMBNAIL = 32  # their side in pixels
@@ -90,12 +94,9 @@ class TensorBoardLog(RunLog):
         if len(samples) == 0:
             return
         rows = np.sort(np.random.default_rng(0).permutation(len(samples))[:PROJECTOR_SAMPLES])
-        images = [samples.load(int(i)) for i in rows]
-        was_training = model.training
-        model.eval()
-        z = torch.cat([model(torch.stack([transform(im) for im in images[s:s + 128]]).to(device)).z.float().cpu()
-                       for s in range(0, len(images), 128)])
-        model.train(was_training)
+        sample = samples.subset(rows)
+        z = torch.from_numpy(predict(model, DataLoader(TorchSplit(sample, transform), batch_size=128), device).z)
+        images = [sample.load(i) for i in range(len(sample))]
         c = transform.channels
         thumbnail = ImageTransform(False, THUMBNAIL, c, {"mean": [0.0] * c, "std": [1.0] * c})  # pixels in [0, 1]
         thumbs = torch.stack([thumbnail(im) for im in images])
