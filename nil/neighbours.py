@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from faiss_index.engines.faiss_lib import import_faiss
 from faiss_index import FaissUnavailableError
+from faiss_index.engines.faiss_lib import import_faiss
 
 __all__ = ["knn", "knn_any_class", "find_suspects"]
 

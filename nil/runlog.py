@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
 from torch.utils.data import DataLoader
 
 from nil.data.base import TorchSplit
