@@ -79,6 +79,7 @@ class IndexParams:
     seed: int = 0                   # seeds every sample and k-means initialisation
     strategy: str = "auto"          # "auto" | "sharded" | "global"
     multi_gpu: bool = True          # with device "cuda", spread class shards over all visible GPUs
+    store_dtype: str = "float32"    # "float16" halves the stored vectors (re-ranking reads them back as float32)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -99,6 +100,8 @@ class IndexParams:
                 raise IndexInputError(f"{name} must be a positive integer, got {v!r}.")
         if p.strategy not in STRATEGIES:
             raise IndexInputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {p.strategy!r}.")
+        if p.store_dtype not in ("float32", "float16"):
+            raise IndexInputError(f"store_dtype must be float32 or float16, got {p.store_dtype!r}.")
         if p.nbits is not None and p.nbits > 8:
             raise IndexInputError(f"nbits must be at most 8, got {p.nbits}.")
         return p

@@ -36,7 +36,7 @@ def make_result(rows: torch.Tensor, dist: torch.Tensor, vectors: torch.Tensor, l
     none = torch.full_like(rows, -1)
     vec = None
     if return_vectors:
-        vec = vectors[r] * found.unsqueeze(2).to(vectors.dtype)
+        vec = vectors[r].float() * found.unsqueeze(2)
     return SearchResult(
         ids=torch.where(found, ids[r], none),
         labels=torch.where(found, labels[r], none),

@@ -187,7 +187,7 @@ def test_stream_records_every_step_and_a_rerun_keeps_finished_rows(tmp_path):
         assert r["max_ms"] >= r["p50_ms"] > 0 and r["exact_ms"] > 0
         assert 0.0 <= r["recall_min"] <= r["recall_at_1"] <= 1.0
         assert r["peak_rss_mb"] is None or r["peak_rss_mb"] > 0
-    assert {g["goal"].split(":")[0] for g in res["goals"]} == set()  # goals are stated at N = 1M only
+    assert {g["goal"].split(":")[0] for g in res["goals"]} == set()  # goals are stated at N = 1M and 10M only
     assert (tmp_path / "stream.md").exists() and (tmp_path / "stream.png").read_bytes()[:4] == b"\x89PNG"
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and json.loads(out.read_text())["rows"] == res["rows"]  # not re-measured
@@ -195,6 +195,23 @@ def test_stream_records_every_step_and_a_rerun_keeps_finished_rows(tmp_path):
     assert other.exit_code == 0, other.output
     rows = json.loads(out.read_text())["rows"]
     assert rows[:2] == res["rows"] and len(rows) == 3 and rows[2]["params"]["rerank"] == 8
+
+
+@pytest.mark.parametrize("max_ms, recall, rss_mb, met", [
+    (100.0, 0.96, 11_000, True),
+    (300.0, 0.96, 11_000, False),   # 10x at p50 but not at the slowest step
+    (100.0, 0.94, 11_000, False),   # recall below 0.95
+    (100.0, 0.96, 13_000, False),   # over 12 GB resident
+    (100.0, 0.96, None, False),     # memory not measured: not shown, so not met
+])
+def test_the_10m_goal_is_met_only_when_every_figure_meets_it(max_ms, recall, rss_mb, met):
+    from benchmarks.stream import stream_goals
+
+    row = {"n": 10_000_000, "data": "clusters", "method": "ivfpq", "params_given": {"store_dtype": "float16"},
+           "p50_ms": 50.0, "max_ms": max_ms, "exact_ms": 1500.0, "recall_at_1": recall, "recall_min": recall - 0.02,
+           "peak_rss_mb": rss_mb}
+    (goal,) = stream_goals({"rows": [row]})
+    assert goal["goal"].startswith("10M clusters") and goal["met"] is met
 
 
 @pytest.mark.parametrize("args, hint", [

@@ -40,7 +40,8 @@ def same_answers(a, b, x, y, ids):
 
 
 KIND_PARAMS = [("exact", {}), ("flat", {}), ("ivf", {}), ("ivfpq", {}), ("hnsw", {}),
-               ("ivfpq", {"strategy": "global"}), ("ivfpq", {"sparse": True}), ("exact", {"sparse": True})]
+               ("ivfpq", {"strategy": "global"}), ("ivfpq", {"sparse": True}), ("exact", {"sparse": True}),
+               ("ivfpq", {"store_dtype": "float16"}), ("exact", {"store_dtype": "float16"})]
 
 
 @pytest.mark.parametrize("kind, params", KIND_PARAMS)
@@ -53,6 +54,7 @@ def test_round_trip_gives_identical_results(tmp_path, kind, params):
                      source="unit-test", extra={"checkpoint": "/runs/a/best.pt"})
     loaded, manifest = load_index(out)
     assert type(loaded) is type(index) and len(loaded) == len(index)
+    assert loaded.store.vectors.dtype == index.store.vectors.dtype  # a float16 store is reloaded as one
     assert loaded.params == index.params and loaded.counts() == index.counts()
     assert getattr(loaded, "delta_size", 0) == getattr(index, "delta_size", 0)
     same_answers(index, loaded, x, y, ids)

@@ -110,3 +110,22 @@ def test_many_classes_use_the_global_filter():
         res = index.search_other_class(x[q], y[q], 1, query_ids=ids[q])
         assert recall(res, truth) >= minimum, kind
         assert (res.labels[:, 0] != y[q]).all()
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivfpq", "flat"])
+def test_a_float16_store_halves_the_vectors_and_keeps_recall(data, kind):
+    """Against the float32 truth: only the stored values are rounded (2^-11 relative), so the
+    nearest other-class sample is the same one except at near-ties."""
+    x, y, ids, q, truth = data
+    index = built(kind, x, y, ids, store_dtype="float16")
+    full = built(kind, x, y, ids)
+    assert index.store.vectors.dtype == torch.float16
+    assert index.store.vectors.element_size() * 2 == full.store.vectors.element_size()
+    res = index.search_other_class(x[q], y[q], 3, query_ids=ids[q], return_vectors=True)
+    assert res.vectors.dtype == torch.float32 and res.distances.dtype == torch.float32
+    hit = (res.ids[:, 0] == truth[False].ids[:, 0]) | (res.distances[:, 0] <= truth[False].distances[:, 0] * (1 + 1e-3))
+    assert hit.float().mean().item() >= (0.99 if kind != "ivfpq" else 0.95)
+    assert (res.labels != y[q].unsqueeze(1)).all()
+    torch.testing.assert_close(res.vectors[:, 0], x.half().float()[res.ids[:, 0].div(7, rounding_mode="floor")])
+    v, _ = index.get(ids[q])
+    assert v.dtype == torch.float32 and (v - x[q]).abs().max().item() < 1e-3

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from faiss_index import FaissIndex, make_index
+from faiss_index.synthetic import clustered
 
 pytest.importorskip("faiss")
 
@@ -310,3 +311,28 @@ def test_a_bulk_load_keeps_one_copy_of_the_vectors_and_is_searched_exactly():
     index.build()
     index.upsert(torch.arange(10), x[:10] * 2, y[:10])
     assert index.delta_size == 10  # after the build, changed rows are the delta again
+
+
+def test_a_float16_store_streams_like_a_float32_one():
+    """Upserts, the exact delta, background refreshes and re-ranking read a float16 store as float32:
+    the same neighbours as the float32 index except at near-ties, and every distance exact for the
+    stored (rounded) vectors."""
+    pytest.importorskip("faiss")
+    x, y = clustered(3000, 16, 3, clusters_per_class=8, spread=0.5, seed=2)
+    ids = torch.arange(3000)
+    a, b = (make_index("ivfpq", 16, 3, refresh_every=5, store_dtype=dtype) for dtype in ("float16", "float32"))
+    g = torch.Generator().manual_seed(1)
+    for index in (a, b):
+        index.upsert(ids, x, y)
+        index.build()
+    agree = []
+    for step in range(12):
+        rows = torch.randperm(3000, generator=g)[:64]
+        moved = x[rows] + 0.05 * torch.randn(64, 16, generator=g)
+        ra, rb = (index.search_other_class(moved, y[rows], 1, query_ids=rows) for index in (a, b))
+        agree.append((ra.ids[:, 0] == rb.ids[:, 0]).float().mean().item())
+        v, _ = a.get(ra.ids[:, 0])
+        torch.testing.assert_close(ra.distances[:, 0], (v - moved).norm(dim=1), atol=1e-4, rtol=1e-4)
+        for index in (a, b):
+            index.upsert(rows, moved, y[rows])
+    assert a.store.vectors.dtype == torch.float16 and sum(agree) / len(agree) >= 0.97

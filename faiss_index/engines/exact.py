@@ -118,7 +118,8 @@ def knn_other_class(
         bid = _int1d(bid, "bid", nb, device)
     k = int(k)
     xq = xq.to(torch.float32).contiguous()
-    xb = xb.to(torch.float32)
+    if not xb.is_floating_point():
+        xb = xb.to(torch.float32)
 
     if nq == 0 or nb == 0:
         return (torch.full((nq, k), float("inf"), dtype=torch.float32, device=device),
@@ -129,7 +130,8 @@ def knn_other_class(
     augmented = lo >= 0 and hi < MAX_AUG_CLASSES
     block = _block_rows(nq, int(chunk), device)
 
-    sq_b = torch.linalg.vector_norm(xb, dim=1).square_()  # (N,) computed once, reused per block
+    sq_b = torch.cat([torch.linalg.vector_norm(xb[s:s + block].to(torch.float32), dim=1).square_()
+                      for s in range(0, nb, block)])  # (N,) computed once, reused per block
     xq_m2 = -2.0 * xq
     if augmented:
         # Scores must stay below BIG / 2 for every allowed pair: |b|^2 - 2 q.b <= 2|q|^2 + 3|b|^2.
@@ -157,7 +159,7 @@ def knn_other_class(
     for start in range(0, nb, block):
         stop = min(nb, start + block)
         m = stop - start
-        xb_blk = xb[start:stop]
+        xb_blk = xb[start:stop].to(torch.float32)  # a float16 store is cast block by block, never whole
         if augmented:
             # score = |b|^2 - 2 q.b + BIG * [class excluded], as two GEMMs into one buffer.
             a = aux_b[:m]

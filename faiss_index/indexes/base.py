@@ -26,7 +26,7 @@ class BaseIndex(ABC):
 
     kind: str = ""
 
-    def __init__(self, dim: int, num_classes: int, device: str | torch.device = "cpu"):
+    def __init__(self, dim: int, num_classes: int, device: str | torch.device = "cpu", store_dtype: str = "float32"):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise IndexInputError(f"dim must be a positive integer, got {dim!r}.")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
@@ -34,7 +34,7 @@ class BaseIndex(ABC):
         self.dim = dim
         self.num_classes = num_classes
         self.device = resolve_device(device)
-        self.store = VectorStore(dim, self.device)
+        self.store = VectorStore(dim, self.device, store_dtype)
         self.params: dict = {}
 
     # ------------------------------------------------------------------ contents

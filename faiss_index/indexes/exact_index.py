@@ -22,14 +22,15 @@ class ExactIndex(BaseIndex):
 
     kind = "exact"
 
-    def __init__(self, dim: int, num_classes: int, device: str | torch.device = "cpu", *, chunk: int = 65536):
-        super().__init__(dim, num_classes, device)
+    def __init__(self, dim: int, num_classes: int, device: str | torch.device = "cpu", *, chunk: int = 65536,
+                 store_dtype: str = "float32"):
+        super().__init__(dim, num_classes, device, store_dtype)
         self.chunk = int(chunk)
-        self.params = {"chunk": self.chunk}
+        self.params = {"chunk": self.chunk, "store_dtype": store_dtype}
         self.last_refresh_s = 0.0
 
     def construct_args(self) -> dict:
-        return {"chunk": self.chunk}
+        return {"chunk": self.chunk, "store_dtype": self.store.dtype_name}
 
     def _search_rows(self, xq, yq, qid, k, same_class):
         vectors, labels, ids = self.store.view()

@@ -19,14 +19,16 @@ def make_index(kind: str, dim: int, num_classes: int, device: str | torch.device
     """Create an empty index: kind "exact" -> ExactIndex, any other kind -> FaissIndex.
 
     params go to the index (e.g. refresh_every, nlist, nprobe, m, nbits, rerank, efSearch,
-    strategy for faiss kinds; chunk for "exact", which also accepts and ignores refresh_every).
+    strategy, store_dtype for faiss kinds; chunk and store_dtype for "exact", which also accepts and
+    ignores refresh_every).
     """
     if kind == "exact":
         from .exact_index import ExactIndex
 
-        unknown = sorted(set(params) - {"chunk", "refresh_every"})
+        unknown = sorted(set(params) - {"chunk", "refresh_every", "store_dtype"})
         if unknown:
-            raise IndexInputError(f"unknown parameter(s) {', '.join(unknown)} for kind 'exact'; known: chunk.")
+            raise IndexInputError(f"unknown parameter(s) {', '.join(unknown)} for kind 'exact'; "
+                                  "known: chunk, store_dtype.")
         params.pop("refresh_every", None)  # accepted so callers can pass it for every kind; nothing to refresh
         return ExactIndex(dim, num_classes, device, **params)
     if kind not in KINDS:

@@ -60,9 +60,9 @@ class FaissIndex(BaseIndex):
         if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 0:
             raise IndexInputError(f"refresh_every must be a non-negative integer, got {refresh_every!r}.")
         raw_device = str(device)
-        super().__init__(dim, num_classes, device)
-        self.kind = kind
         p = IndexParams.from_kwargs(kind, **params)
+        super().__init__(dim, num_classes, device, p.store_dtype)
+        self.kind = kind
         faiss = import_faiss(self.device)
         self._faiss = faiss
         on_gpu = self.device.type == "cuda"

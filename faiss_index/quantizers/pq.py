@@ -77,7 +77,7 @@ def _scalar_codes(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     step = 8192
     for s in range(0, x.shape[0], step):
-        codes[s:s + step] = (x[s:s + step].unsqueeze(2) > mid).sum(dim=2, dtype=torch.uint8)
+        codes[s:s + step] = (x[s:s + step].to(torch.float32).unsqueeze(2) > mid).sum(dim=2, dtype=torch.uint8)
     return codes
 
 
@@ -88,7 +88,7 @@ def _nearest(sub: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def encode_pq(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """x: (N, D) float32, centroids (M, K, dsub) -> codes (N, M) uint8 (K <= 256)."""
+    """x: (N, D) float32 or float16 (cast block by block), centroids (M, K, dsub) -> codes (N, M) uint8 (K <= 256)."""
     m = centroids.shape[0]
     if centroids.shape[2] == 1:
         levels, perm = centroids[:, :, 0].sort(dim=1)
@@ -98,7 +98,7 @@ def encode_pq(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
         return codes
     out = torch.empty(x.shape[0], m, dtype=torch.uint8, device=x.device)
     for s in range(0, x.shape[0], _ENCODE_ROWS):
-        xs = x[s:s + _ENCODE_ROWS]
+        xs = x[s:s + _ENCODE_ROWS].to(torch.float32)
         out[s:s + xs.shape[0]] = _nearest(_split(xs, m), centroids).T.to(torch.uint8)
     return out
 

@@ -55,7 +55,7 @@ class ClassShards(Engine):
             if counts[c] == 0:
                 continue
             rows = (labels == c).nonzero().squeeze(1)
-            xs = vectors[rows]
+            xs = vectors[rows].float()
             gpu = self.gpus.place(len(shards)) if self.gpus is not None else -1
             r = resolve_kind_params(self.kind, counts[c], self.dim, self.params, self.gpus is not None)
             index = build_one(self.faiss, self.kind, xs, r, self.gpus, gpu, self.params.seed + 7919 * c)

@@ -59,7 +59,7 @@ class DeltaBuffer:
             self.pos[rows[new]] = fresh
             self.rows[fresh] = rows[new]
             self.n += fresh.numel()
-        self.vectors[slot] = vectors
+        self.vectors[slot] = vectors.to(self.vectors.dtype)
         self.labels[slot] = labels
         self.ids[slot] = ids
 

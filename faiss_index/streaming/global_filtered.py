@@ -62,7 +62,7 @@ class GlobalFiltered(Engine):
             self.index, self.built, self.ntotal = None, False, 0
             return
         gpu = self.gpus.place(0) if self.gpus is not None else -1
-        self.index = build_one(self.faiss, self.kind, vectors, self.resolved, self.gpus, gpu, self.params.seed)
+        self.index = build_one(self.faiss, self.kind, vectors.float(), self.resolved, self.gpus, gpu, self.params.seed)
         self._gpu = gpu
         self.labels = labels.clone()
         self.ntotal = n

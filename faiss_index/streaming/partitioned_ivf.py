@@ -140,9 +140,9 @@ class PartitionedIVF(Engine):
             return
         centroids = torch.cat(cents)
         ids = torch.arange(labels.shape[0], dtype=torch.int64)
-        cpu_vectors = vectors.to("cpu", torch.float32)
+        cpu_vectors = vectors.to("cpu")  # a float16 store stays float16: codes are encoded block by block
         if self.kind == "ivf":
-            index, quantizer = build_ivf(faiss, "ivf", cpu_vectors, centroids, list_no, ids)
+            index, quantizer = build_ivf(faiss, "ivf", cpu_vectors.to(torch.float32), centroids, list_no, ids)
         else:
             pq_cent, codes = self._codes_for(cpu_vectors, job["changed"], job["pq_sample"])
             index, quantizer = build_ivf(faiss, "ivfpq", cpu_vectors, centroids, list_no, ids, m=r["m"],

@@ -16,7 +16,12 @@ from .growth import assign_slots, grow_rows, grow_table
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["VectorStore"]
+__all__ = ["VectorStore", "STORE_DTYPES"]
+
+# What a store may keep its vectors in. float16 halves the largest part of an index's memory
+# (10M x 128: 2.6 GB instead of 5.1 GB); every search casts the rows it reads back to float32, so
+# only the stored values are rounded (relative error 2^-11), never the arithmetic.
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 # The id map is a dense table (one int64 per possible id, the fastest lookup) only while that table
 # is at most DENSE_SLACK times the number of stored ids (plus a small floor); sparse ids (database
@@ -95,18 +100,21 @@ def _sorted_lookup(keys: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) ->
 
 
 class VectorStore:
-    """One row per sample id: ``vectors`` (cap, D) float32, ``labels`` (cap,) int64, ``ids`` (cap,) int64.
+    """One row per sample id: ``vectors`` (cap, D) in ``dtype``, ``labels`` (cap,) int64, ``ids`` (cap,) int64.
 
     Only the first ``len(store)`` rows are meaningful; capacity grows geometrically. All tensors
-    live on ``device``.
+    live on ``device``. ``dtype``: "float32" or "float16" (:data:`STORE_DTYPES`); readers of
+    ``vectors`` cast what they read to float32 (:meth:`get` does).
     """
 
-    def __init__(self, dim: int, device: str | torch.device = "cpu"):
+    def __init__(self, dim: int, device: str | torch.device = "cpu", dtype: str = "float32"):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise IndexInputError(f"dim must be a positive integer, got {dim!r}.")
-        self.dim = dim
+        if dtype not in STORE_DTYPES:
+            raise IndexInputError(f"store_dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}.")
+        self.dim, self.dtype_name = dim, dtype
         self.device = resolve_device(device)
-        self.vectors = torch.zeros(_INITIAL_CAPACITY, dim, dtype=torch.float32, device=self.device)
+        self.vectors = torch.zeros(_INITIAL_CAPACITY, dim, dtype=STORE_DTYPES[dtype], device=self.device)
         self.labels = torch.full((_INITIAL_CAPACITY,), -1, dtype=torch.int64, device=self.device)
         self.ids = torch.full((_INITIAL_CAPACITY,), -1, dtype=torch.int64, device=self.device)
         self._n = 0
@@ -153,7 +161,7 @@ class VectorStore:
             self._reserve(self._n + fresh.numel())
             self._map.insert(ids[new], fresh)
             self._n += fresh.numel()
-        self.vectors[rows] = vectors
+        self.vectors[rows] = vectors.to(self.vectors.dtype)
         self.labels[rows] = labels
         self.ids[rows] = ids
         return rows
@@ -163,7 +171,7 @@ class VectorStore:
         rows = self.rows_of(ids)
         known = rows >= 0
         r = rows.clamp_min(0)
-        vec = torch.where(known.unsqueeze(1), self.vectors[r], torch.zeros((), device=self.device))
+        vec = torch.where(known.unsqueeze(1), self.vectors[r].float(), torch.zeros((), device=self.device))
         lab = torch.where(known, self.labels[r], torch.full_like(rows, -1))
         return vec, lab
 
@@ -179,13 +187,13 @@ class VectorStore:
     def load_rows(self, vectors: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
         """Replace the content by rows in the given order (used when loading a saved index)."""
         n = int(ids.shape[0])
-        self.__init__(self.dim, self.device)
+        self.__init__(self.dim, self.device, self.dtype_name)
         if n == 0:
             return
         if int(torch.unique(ids).numel()) != n:
             raise IndexInputError("stored ids are not unique.")
         self._reserve(n)
-        self.vectors[:n] = vectors.to(self.device, torch.float32)
+        self.vectors[:n] = vectors.to(self.device, self.vectors.dtype)
         self.labels[:n] = labels.to(self.device, torch.int64)
         self.ids[:n] = ids.to(self.device, torch.int64)
         self._n = n
