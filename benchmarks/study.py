@@ -46,14 +46,16 @@ PUBLISHED = {"retinamnist": {"accuracy": 0.524, "auc": 0.717}, "breastmnist": {"
 MAJORITY = {"retinamnist": 174 / 400, "breastmnist": 114 / 156}  # test majority-class rate
 
 # What defines each arm, and the knobs its tuning budget explores (same number of settings each).
+# Every arm names its distractor source: `nil train`'s default ("auto") resolves by --ann, and the run
+# keys of the committed runs hold "memory".
 ARMS = {
-    "ce": dict(loss="ce", ann="none", fresh_distractors=False),
+    "ce": dict(loss="ce", ann="none", fresh_distractors=False, distractor="memory"),
     # compute-matched control: the mined distractor images join the batch with their own CE term
-    "ce-matched": dict(loss="ce-replay", ann="exact", fresh_distractors=False),
+    "ce-matched": dict(loss="ce-replay", ann="exact", fresh_distractors=False, distractor="memory"),
     # distractor-aware: distractor images re-embedded in the step, distance between current embeddings
-    "nil-fresh": dict(loss="nil", ann="exact", fresh_distractors=True),
+    "nil-fresh": dict(loss="nil", ann="exact", fresh_distractors=True, distractor="memory"),
     # the stored (up to an epoch old) distractor vectors: documents the collapse
-    "nil-stored": dict(loss="nil", ann="exact", fresh_distractors=False),
+    "nil-stored": dict(loss="nil", ann="exact", fresh_distractors=False, distractor="memory"),
     # the paper's own distractor: pooled features moved along the most confusing class's gradient and
     # embedded by the same head; no memory, no search (added after the first final runs: tuned on
     # validation with the same budget before any of its test figures existed)
@@ -353,29 +355,44 @@ def paired(rows: list[dict], baseline: str) -> list[dict]:
     return out
 
 
-def goal(summary: list[dict], pairs: list[dict], arm: str = "nil-fresh") -> list[dict]:
-    """The issue's goal per dataset with ResNet-18: arm beats ce-matched in mean test balanced accuracy
-    and AUC, wins on most seeds, and both beat the published ResNet-18 (28) rows (accuracy and AUC)."""
+DISTRACTOR_ARMS = ("nil-fresh", "nil-gradient")  # the distractor-aware arms the goal is held against
+
+
+def goal(summary: list[dict], pairs: list[dict], arms: tuple[str, ...] = DISTRACTOR_ARMS) -> list[dict]:
+    """The issue's goal per dataset and distractor arm with ResNet-18: the arm beats ce-matched in mean
+    test balanced accuracy and AUC, wins on most seeds, both beat the published ResNet-18 (28) rows
+    (accuracy and AUC), and - what a user of `nil train` needs - the arm beats plain ce in mean balanced
+    accuracy and AUC. An arm with no runs at all is left out; one without paired ResNet-18 runs is
+    reported as not measured."""
     out = []
-    for dataset in DATASETS:
-        p = next((p for p in pairs if p["dataset"] == dataset and p["model"] == "resnet18" and p["arm"] == arm
-                  and p["baseline"] == "ce-matched"), None)
-        s = {e["arm"]: e for e in summary if e["dataset"] == dataset and e["model"] == "resnet18"}
-        if p is None or arm not in s or "ce-matched" not in s:
-            out.append({"dataset": dataset, "met": None, "why": "no paired ResNet-18 runs yet"})
-            continue
-        pub = PUBLISHED[dataset]
-        checks = {
-            "beats ce-matched in mean balanced accuracy": p["balanced_accuracy"] > 0,
-            "beats ce-matched in mean AUC": p["auc"] > 0,
-            "wins most seeds (balanced accuracy)": p["balanced_accuracy_wins"] > p["pairs"] / 2,
-            "wins most seeds (AUC)": p["auc_wins"] > p["pairs"] / 2,
-            f"{arm} beats published accuracy and AUC": s[arm]["accuracy"] > pub["accuracy"] and s[arm]["auc"] > pub["auc"],
-            "ce-matched beats published accuracy and AUC": (s["ce-matched"]["accuracy"] > pub["accuracy"]
-                                                           and s["ce-matched"]["auc"] > pub["auc"]),
-        }
-        out.append({"dataset": dataset, "pairs": p["pairs"], "checks": checks, "met": all(checks.values())})
+    present = {e["arm"] for e in summary}
+    for arm in (a for a in arms if a in present):
+        for dataset in DATASETS:
+            out.append(_goal_one(summary, pairs, arm, dataset))
     return out
+
+
+def _goal_one(summary: list[dict], pairs: list[dict], arm: str, dataset: str) -> dict:
+    def pair(baseline):
+        return next((p for p in pairs if p["dataset"] == dataset and p["model"] == "resnet18" and p["arm"] == arm
+                     and p["baseline"] == baseline), None)
+
+    p, vs_ce = pair("ce-matched"), pair("ce")
+    s = {e["arm"]: e for e in summary if e["dataset"] == dataset and e["model"] == "resnet18"}
+    if p is None or vs_ce is None or arm not in s or "ce-matched" not in s:
+        return {"dataset": dataset, "arm": arm, "met": None, "why": "no paired ResNet-18 runs yet"}
+    pub = PUBLISHED[dataset]
+    checks = {
+        "beats ce-matched in mean balanced accuracy": p["balanced_accuracy"] > 0,
+        "beats ce-matched in mean AUC": p["auc"] > 0,
+        "wins most seeds (balanced accuracy)": p["balanced_accuracy_wins"] > p["pairs"] / 2,
+        "wins most seeds (AUC)": p["auc_wins"] > p["pairs"] / 2,
+        f"{arm} beats published accuracy and AUC": s[arm]["accuracy"] > pub["accuracy"] and s[arm]["auc"] > pub["auc"],
+        "ce-matched beats published accuracy and AUC": (s["ce-matched"]["accuracy"] > pub["accuracy"]
+                                                       and s["ce-matched"]["auc"] > pub["auc"]),
+        "beats ce in mean balanced accuracy and AUC": vs_ce["balanced_accuracy"] > 0 and vs_ce["auc"] > 0,
+    }
+    return {"dataset": dataset, "arm": arm, "pairs": p["pairs"], "checks": checks, "met": all(checks.values())}
 
 
 def write_report(study: Study, command: str = "") -> dict:
@@ -469,16 +486,18 @@ def study_markdown(result: dict) -> str:
         lines += [markdown_table(["dataset", "model", "arm", "baseline", "Δ balanced acc.", "Δ AUC", "Δ macro-F1",
                                   "Δ accuracy"], table), ""]
     lines += ["## Goal", "",
-              "On both datasets with ResNet-18: nil-fresh beats ce-matched in mean test balanced accuracy and AUC, "
-              "wins on most seeds, and both beat the published ResNet-18 (28) rows.", ""]
+              "On both datasets with ResNet-18, for each distractor-aware arm: it beats ce-matched in mean test "
+              "balanced accuracy and AUC, wins on most seeds, both beat the published ResNet-18 (28) rows, and it "
+              "beats plain ce in mean balanced accuracy and AUC.", ""]
     for g in result["goal"]:
+        name = f"{g['dataset']}, {g['arm']}" if "arm" in g else g["dataset"]
         if g["met"] is None:
-            lines.append(f"- {g['dataset']}: not measured yet ({g['why']}).")
+            lines.append(f"- {name}: not measured yet ({g['why']}).")
         else:
             held = [k for k, ok in g["checks"].items() if ok]
             failed = [k for k, ok in g["checks"].items() if not ok]
             verdict = "**met**" if g["met"] else "**not met**; fails: " + "; ".join(failed)
-            lines.append(f"- {g['dataset']} ({g['pairs']} paired seeds): {verdict}"
+            lines.append(f"- {name} ({g['pairs']} paired seeds): {verdict}"
                          + (f". Holds: {'; '.join(held)}" if held else "") + ".")
     lines.append("")
     return "\n".join(lines)
