@@ -162,7 +162,7 @@ def run_train_bench(cfg: TrainBench, command: str | None = None) -> dict:
 def _patch_batches(cfg: TrainBench, tmp: Path, device: torch.device):
     """Write the synthetic patch store, open it as the trainer does, and load the batches to time."""
     tcfg = TrainConfig(model=cfg.model, embed_dim=cfg.embed_dim, batch_size=cfg.batch, seed=cfg.seed,
-                       device=str(device), format="zarr", epochs=1, warmup_epochs=0, loss="nil",
+                       device=str(device), format="zarr", epochs=1, warmup_epochs=0, loss="nil", distractor="memory",
                        refresh_every=cfg.refresh_every, progress=False, out=str(tmp / "run"))
     need = cfg.batch * (cfg.steps + cfg.warmup)
     train_share = 1 - tcfg.val_fraction - tcfg.test_fraction

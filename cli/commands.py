@@ -42,10 +42,11 @@ def _data_options(f):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 def demo(out, n, epochs, seed, device, progress):
-    """Train CE and distractor-aware (FAISS) models on built-in synthetic data; compare them.
+    """Train CE and distractor-aware models on built-in synthetic data; compare them.
 
     Writes a synthetic histology-like patch set with look-alike class pairs, trains a small CNN
-    with cross-entropy and with the distractor-aware loss (--ann faiss), and prints both runs' test
+    with cross-entropy, with the distractor-aware loss at `nil train`'s defaults (the gradient
+    distractor) and with distractors mined by FAISS (--ann faiss), and prints the three runs' test
     metrics side by side. Takes a few minutes on two CPU cores.
     """
     from nil.demo import DemoConfig, run_demo
@@ -145,18 +146,23 @@ class ModelName(click.ParamType):
               help="ce: cross-entropy only; nil: CE + lambda x distractor term; ce-replay: CE + lambda x CE of "
                    "the batch's mined distractor images (hard-example replay: the compute-matched control of nil).")
 @click.option("--lambda", "lam", default=DEFAULT.lam, show_default=True, help="Weight of the distractor term (ce-replay: of the replayed images' CE).")
-@click.option("--margin", default=DEFAULT.margin, show_default=True, help="Push distractors at least this far away.")
+@click.option("--margin", default=None, type=float,
+              help="Push distractors at least this far away [default: 1.0 with --distractor gradient, 1.4 with a "
+                   "memory: the study's validation choices].")
 @click.option("--variant", default=DEFAULT.variant, show_default=True, type=click.Choice(VARIANTS))
 @click.option("--warmup-epochs", default=DEFAULT.warmup_epochs, show_default=True, help="Epochs of CE only before the distractor term.")
-@click.option("--distractor", default=DEFAULT.distractor, show_default=True, type=click.Choice(DISTRACTORS),
-              help="memory: nearest stored other-class sample; gradient: feature-space distractor from the neurons.")
+@click.option("--distractor", default="auto", show_default=True, type=click.Choice(DISTRACTORS),
+              help="memory: nearest stored other-class sample (searched per --ann); gradient: feature-space distractor "
+                   "from the neurons (the study's validation choice); auto: memory when --ann exact|faiss, "
+                   "--loss ce-replay, --variant triplet or --index-from asks for one, else gradient.")
 @click.option("--gradient-step", default=DEFAULT.gradient_step, show_default=True, help="--distractor gradient: step size, x ||f||.")
 @click.option("--fresh-distractors/--stored-distractors", default=DEFAULT.fresh_distractors, show_default=True,
               help="Re-embed each mined distractor's image with the current network in the same step (gradient "
                    "through both; ~2x the step) instead of using its stored, up to an epoch old, embedding "
                    "(stored vectors let the embeddings collapse).")
 @click.option("--ann", default=DEFAULT.ann, show_default=True, type=click.Choice(ANNS),
-              help="Where distractors come from: the batch, an exact memory, or the FAISS engine.")
+              help="Where a memory distractor is searched: the batch, an exact memory, or the FAISS engine "
+                   "(exact or faiss select --distractor memory).")
 @click.option("--ann-index", default=DEFAULT.ann_index, show_default=True,
               help="Index kind for --ann faiss: flat, ivf, ivfpq, hnsw, cagra, exact; auto: the engine's "
                    "default for the device (ivfpq on CPU, exact on CUDA).")

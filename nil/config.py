@@ -16,7 +16,7 @@ OnBadImage = Literal["fail", "skip"]
 Schedule = Literal["cosine", "step"]
 Loss = Literal["ce", "nil", "ce-replay"]
 Variant = Literal["margin", "triplet"]
-Distractor = Literal["memory", "gradient"]
+Distractor = Literal["auto", "memory", "gradient"]
 Ann = Literal["none", "exact", "faiss"]
 Metric = Literal["accuracy", "balanced_accuracy", "macro_f1", "auc", "qwk"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -29,6 +29,10 @@ LOSSES, VARIANTS, DISTRACTORS, ANNS = get_args(Loss), get_args(Variant), get_arg
 METRICS, PRECISIONS, SPLITS = get_args(Metric), get_args(Precision), get_args(Split)
 NORMALIZES, LOGS = get_args(Normalize), get_args(Log)
 
+
+# The margin each distractor source was chosen with on validation (benchmarks/results/study-choice.json:
+# nil-gradient lambda 0.3, margin 1.0; nil-fresh lambda 0.3, margin 1.4).
+DEFAULT_MARGIN = {"gradient": 1.0, "memory": 1.4}
 
 OPTION_OF_FIELD = {"lam": "lambda"}  # fields whose `nil train` option has another name
 NOT_OPTIONS = ("evaluate_test",)  # set by library callers (the study), not by `nil train`
@@ -65,14 +69,14 @@ class TrainConfig:
     # distractor-aware loss
     loss: Loss = "nil"  # ce: cross-entropy only; nil: CE + lambda * distractor term; ce-replay: CE + lambda * CE of the distractor images
     lam: float = 0.3  # weight lambda of the distractor term (ce-replay: of the replayed images' CE)
-    margin: float = 1.4  # distance below which a distractor is pushed away (unit sphere: distances in [0, 2])
+    margin: float | None = None  # distance below which a distractor is pushed away (unit sphere: distances in [0, 2]); None: DEFAULT_MARGIN of the source
     variant: Variant = "margin"  # margin | triplet
     warmup_epochs: int = 0  # epochs of CE only before the distractor term starts
-    distractor: Distractor = "memory"  # memory: nearest stored other-class sample; gradient: from the neurons
+    distractor: Distractor = "auto"  # memory: nearest stored other-class sample; gradient: from the neurons; auto: memory when something needs one (--ann exact|faiss, ce-replay, triplet, --index-from), else gradient
     gradient_step: float = 0.5  # --distractor gradient: step along the confusing class's gradient, x ||f||
     fresh_distractors: bool = True  # re-embed each mined distractor image with the current network (stored: collapses)
     # distractor search
-    ann: Ann = "exact"  # none: within the batch; exact: torch engine; faiss: FAISS engine
+    ann: Ann = "none"  # where a memory distractor is searched: none: within the batch; exact: torch engine; faiss: FAISS engine
     ann_index: str = "auto"  # kind for --ann faiss; auto: the engine's default for the device
     refresh_every: int = 200  # steps between rebuilds of the approximate structure
     ann_nprobe: int | None = None  # --ann faiss: lists probed per query (None: the engine's default for the kind)
@@ -90,6 +94,17 @@ class TrainConfig:
     evaluate_test: bool = True  # False for tuning runs: the test split is never read
     log: Log = "csv"  # besides metrics.jsonl: csv writes metrics.csv; tensorboard writes event files (the tensorboard extra)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        """Resolve the automatic choices, so config.json records what the run does. The defaults are the
+        study's validation choice (benchmarks/results/study.md): the gradient distractor, lambda 0.3,
+        margin 1.0; asking for a memory (``--ann exact|faiss``) gives the fresh-memory arm's margin 1.4."""
+        if self.distractor == "auto":
+            needs_memory = (self.ann != "none" or self.loss == "ce-replay" or self.variant == "triplet"
+                            or self.index_from is not None)
+            self.distractor = "memory" if needs_memory else "gradient"
+        if self.margin is None:
+            self.margin = DEFAULT_MARGIN.get(self.distractor, DEFAULT_MARGIN["memory"])
 
     def validate(self) -> None:
         """Refuse inconsistent options with one clear sentence."""
@@ -109,6 +124,9 @@ class TrainConfig:
             (self.margin > 0, "--margin must be positive"),
             (self.index_from is None or self.ann != "none", "--index-from needs --ann exact or --ann faiss"),
             (self.gradient_step > 0, "--gradient-step must be positive"),
+            (self.distractor != "gradient" or self.ann == "none" or self.loss == "ce",
+             "--distractor gradient builds each distractor from the network and searches no memory: drop --ann "
+             "(or pass --ann none), or use --distractor memory"),
             (self.loss != "ce-replay" or self.distractor == "memory",
              "--loss ce-replay replays mined distractor images and needs --distractor memory"),
             (self.variant != "triplet" or self.distractor == "memory",

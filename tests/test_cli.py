@@ -95,12 +95,14 @@ def test_demo_end_to_end_at_a_reduced_size(tmp_path):
     result = run(["demo", "--out", str(out), "--n", "600", "--epochs", "2", "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
     header = result.output.splitlines()[0]
-    assert "ce" in header and "nil-faiss" in header
-    for name in ("ce", "nil-faiss"):
+    assert "ce" in header and "nil-faiss" in header and " nil " in f" {header} "
+    for name in ("ce", "nil", "nil-faiss"):
         test = json.loads((out / name / "metrics.json").read_text())["test"]
         assert f"{test['accuracy']:.4f}" in result.output
     nil_config = json.loads((out / "nil-faiss" / "config.json").read_text())
-    assert nil_config["ann"] == "faiss" and nil_config["loss"] == "nil"
+    assert nil_config["ann"] == "faiss" and nil_config["loss"] == "nil" and nil_config["distractor"] == "memory"
+    default = json.loads((out / "nil" / "config.json").read_text())
+    assert default["distractor"] == "gradient" and default["loss"] == "nil" and default["margin"] == 1.0
 
 
 def test_options_come_from_a_yaml_file_and_the_command_line_wins(tmp_path, tiny_npz):

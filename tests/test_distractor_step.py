@@ -146,7 +146,7 @@ def test_the_projection_head_takes_part_in_steps_without_any_distractor(setup):
 
 def test_no_search_during_warmup(tmp_path, tiny_npz):
     cfg = TrainConfig(data=str(tiny_npz), out=str(tmp_path / "r"), model="small_cnn", epochs=2, batch_size=32,
-                      embed_dim=8, warmup_epochs=1, progress=False, device="cpu", fresh_distractors=True)
+                      embed_dim=8, warmup_epochs=1, progress=False, device="cpu", fresh_distractors=True, ann="exact")
     train(cfg)
     lines = [json.loads(s) for s in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["mining"]["mining_ms_per_step"] == 0.0 and lines[0]["mining"]["upsert_ms_per_step"] > 0
@@ -167,7 +167,7 @@ def test_combinations_that_cannot_work_are_refused_up_front(tmp_path, tiny_npz, 
 
 
 @pytest.mark.parametrize("kw", [
-    dict(loss="nil", ann="none", fresh_distractors=True),
+    dict(loss="nil", ann="none", distractor="memory", fresh_distractors=True),
     dict(loss="nil", ann="exact", fresh_distractors=True, variant="triplet"),
     dict(loss="nil", ann="faiss", ann_index="flat", fresh_distractors=True, audit_every=2),
     dict(loss="ce-replay", ann="exact"),
@@ -230,4 +230,4 @@ def test_replay_source_in_feature_space_finds_the_nearest_other_class_pooled_fea
 
 def test_ce_replay_with_a_saved_index_is_refused():
     with pytest.raises(NilError, match="ce-replay searches pooled features"):
-        TrainConfig(data="x", out="y", loss="ce-replay", index_from="idx").validate()
+        TrainConfig(data="x", out="y", loss="ce-replay", index_from="idx", ann="exact").validate()

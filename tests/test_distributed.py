@@ -166,10 +166,10 @@ def test_two_process_torchrun_training_matches_one_process(tmp_path, tiny_npz):
     """
     args = ["train", "--data", str(tiny_npz), "--out", str(tmp_path / "ddp"), "--model", "small_cnn", "--epochs", "2",
             "--batch-size", "32", "--lr", "3e-3", "--embed-dim", "16", "--warmup-epochs", "0", "--device", "cpu",
-            "--seed", "0", "--no-progress", "--stored-distractors", "--normalize", "half"]
+            "--seed", "0", "--no-progress", "--stored-distractors", "--normalize", "half", "--ann", "exact"]
     proc = _torchrun(args)
     assert proc.stdout.count("best epoch") == 1  # rank 0 alone reports
-    single = train(_quick(tiny_npz, tmp_path / "one", fresh_distractors=False))
+    single = train(_quick(tiny_npz, tmp_path / "one", fresh_distractors=False, ann="exact"))
 
     runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert runs == ["ddp", "one"]  # one run folder for the two processes
@@ -212,7 +212,7 @@ def test_two_process_index_build_equals_one_process_build(tmp_path, tiny_npz):
     import faiss_index
     from nil.indexing import build_index
 
-    train(_quick(tiny_npz, tmp_path / "run", epochs=1))
+    train(_quick(tiny_npz, tmp_path / "run", epochs=1, ann="exact"))
     ckpt = tmp_path / "run" / "best.pt"
     build_index(tmp_path / "one", checkpoint=ckpt, device="cpu", progress=False)
     proc = _torchrun(["index", "build", "--checkpoint", str(ckpt), "--out", str(tmp_path / "two"), "--device", "cpu",
@@ -233,10 +233,12 @@ def test_two_process_index_build_equals_one_process_build(tmp_path, tiny_npz):
 
 
 @pytest.mark.parametrize("extra", [
-    # the defaults (fresh distractors, exact memory, no warm-up)
+    # the defaults (the gradient distractor, no memory, no warm-up)
     [],
+    # an exact memory with fresh distractors (the memory's defaults)
+    ["--ann", "exact"],
     # warm-up on, stored vectors: the distractor term is off in epoch 1 and on in epoch 2
-    ["--warmup-epochs", "1", "--stored-distractors"],
+    ["--ann", "exact", "--warmup-epochs", "1", "--stored-distractors"],
     ["--fresh-distractors", "--warmup-epochs", "0", "--ann", "faiss", "--ann-index", "flat"],
     ["--loss", "ce-replay", "--warmup-epochs", "0"],
 ])

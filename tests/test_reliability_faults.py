@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def quick(tmp_path, data, **kw) -> TrainConfig:
     return TrainConfig(**(dict(data=str(data), out=str(tmp_path / "run"), model="small_cnn", epochs=2,
                                batch_size=32, lr=3e-3, embed_dim=16, warmup_epochs=0, progress=False,
-                               device="cpu", fresh_distractors=False) | kw))  # one forward per step: the poison counts steps
+                               device="cpu", fresh_distractors=False, ann="exact") | kw))  # one forward per step: the poison counts steps
 
 
 def poison_at(monkeypatch, call: int, field: str):

@@ -59,6 +59,8 @@ def epoch_lines(run: Path) -> list[dict]:
     (dict(ann="exact"), 9),
     # distractor images re-embedded in the step (their random flips come from the restored RNG)
     (dict(ann="exact", fresh_distractors=True, checkpoint_every=4), 5),
+    # nil train's defaults: the gradient distractor, no memory to restore
+    (dict(checkpoint_every=4), 5),
 ])
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_npz, kw, kill_at):
     cfg = BASE | kw
@@ -86,7 +88,8 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, ti
     assert all(torch.equal(a["optimizer"]["state"][i]["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
                for i in b["optimizer"]["state"])
     memories = sorted(p.name for p in run.iterdir() if p.name.startswith("memory-"))
-    assert memories == [a["resume"]["memory"]]  # the one last.pt names; older ones removed
+    named = a["resume"]["memory"]  # None: a source with no memory (the gradient distractor)
+    assert memories == ([named] if named is not None else [])  # the one last.pt names; older ones removed
 
 
 def test_resume_refuses_a_finished_or_foreign_folder(tmp_path, tiny_npz):

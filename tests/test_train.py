@@ -11,7 +11,7 @@ from nil.train import train
 
 def quick(tmp_path, data, name="run", **kw) -> TrainConfig:
     base = dict(data=str(data), out=str(tmp_path / name), model="small_cnn", epochs=2, batch_size=32, lr=3e-3,
-                embed_dim=16, warmup_epochs=0, progress=False, device="cpu")
+                embed_dim=16, warmup_epochs=0, progress=False, device="cpu", ann="exact")  # a memory unless told
     return TrainConfig(**(base | kw))
 
 
@@ -51,10 +51,10 @@ def test_cpu_training_is_deterministic_for_a_seed(tmp_path, tiny_npz):
 
 @pytest.mark.parametrize("kw", [
     dict(loss="ce", ann="none"),
-    dict(ann="none"),
+    dict(ann="none", distractor="memory"),
     dict(ann="faiss", ann_index="flat", audit_every=1),
     dict(variant="triplet"),
-    dict(distractor="gradient"),
+    dict(ann="none"),  # nil train's defaults: the gradient distractor
 ])
 def test_every_loss_and_mining_mode_trains(tmp_path, tiny_npz, kw):
     result = train(quick(tmp_path, tiny_npz, epochs=1, **kw))
@@ -111,5 +111,5 @@ def test_fresh_distractors_train_and_mean_nothing_to_the_gradient_source(tmp_pat
     assert line["train"]["distractor_rate"] > 0.5 and 0.0 <= result["test"]["accuracy"] <= 1.0
     # fresh is the default; the gradient source has no searched image and ignores it (asked for
     # explicitly on the command line, the pair is refused: tests/test_distractor_step.py)
-    result = train(quick(tmp_path / "g", tiny_npz, epochs=1, fresh_distractors=True, distractor="gradient"))
+    result = train(quick(tmp_path / "g", tiny_npz, epochs=1, fresh_distractors=True, distractor="gradient", ann="none"))
     assert 0.0 <= result["test"]["accuracy"] <= 1.0

@@ -4,12 +4,15 @@ stem freezing, --log csv|tensorboard|none."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from click.testing import CliRunner
 
+from cli.main import main
 from nil.config import TrainConfig
 from nil.errors import NilError
 from nil.evaluate import evaluate_checkpoint
@@ -161,3 +164,32 @@ def test_the_faiss_search_knobs_reach_the_index_and_need_ann_faiss(tiny_npz, tmp
     assert params["nprobe"] == 3 and params["rerank"] == 7
     with pytest.raises(NilError, match="need --ann faiss"):
         _cfg(tiny_npz, tmp_path, loss="nil", ann="exact", ann_rerank=7).validate()
+
+
+def test_the_defaults_are_the_studys_validation_choice_and_a_memory_keeps_its_own():
+    """No options: the gradient distractor, lambda 0.3, margin 1.0 (nil-gradient's frozen choice in
+    benchmarks/results/study-choice.json). Asking for a memory gives nil-fresh's margin 1.4."""
+    choice = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "study-choice.json").read_text())
+    cfg = TrainConfig(data="d.npz", out="o")
+    assert (cfg.loss, cfg.distractor, cfg.ann) == ("nil", "gradient", "none")
+    assert {"lam": cfg.lam, "margin": cfg.margin} == choice["nil-gradient"]["params"]
+    for memory in (dict(ann="faiss"), dict(ann="exact"), dict(variant="triplet"), dict(loss="ce-replay"),
+                   dict(ann="none", distractor="memory")):
+        cfg = TrainConfig(data="d.npz", out="o", **memory)
+        assert cfg.distractor == "memory" and cfg.margin == choice["nil-fresh"]["params"]["margin"]
+    assert TrainConfig(ann="faiss", margin=0.7).margin == 0.7  # a given margin is kept
+    with pytest.raises(NilError, match="--distractor gradient builds each distractor from the network"):
+        TrainConfig(data="d.npz", out="o", distractor="gradient", ann="faiss").validate()
+
+
+def test_the_cli_shows_auto_and_records_what_it_resolved_to(tmp_path, tiny_npz):
+    result = CliRunner().invoke(main, ["train", "--help"])
+    assert "[default: auto]" in result.output and "validation choice" in result.output
+    run = CliRunner().invoke(main, ["train", "--data", str(tiny_npz), "--out", str(tmp_path / "r"), "--model",
+                                    "small_cnn", "--epochs", "1", "--embed-dim", "8", "--device", "cpu", "--no-progress"])
+    assert run.exit_code == 0, run.output
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["distractor"] == "gradient" and config["margin"] == 1.0 and config["ann"] == "none"
+    refused = CliRunner().invoke(main, ["train", "--data", str(tiny_npz), "--out", str(tmp_path / "x"),
+                                        "--distractor", "gradient", "--ann", "faiss"])
+    assert refused.exit_code != 0 and "searches no memory" in refused.output and not (tmp_path / "x").exists()
