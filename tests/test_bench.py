@@ -195,6 +195,12 @@ def test_stream_records_every_step_and_a_rerun_keeps_finished_rows(tmp_path):
     assert other.exit_code == 0, other.output
     rows = json.loads(out.read_text())["rows"]
     assert rows[:2] == res["rows"] and len(rows) == 3 and rows[2]["params"]["rerank"] == 8
+    assert rows[2]["exact_stored_dtype_ms"] is None  # a float32 store: exact-torch timed on it directly
+    half = CliRunner().invoke(main, [*args[:5], "clusters", *args[6:], "--param", "store_dtype=float16"])
+    assert half.exit_code == 0, half.output
+    row = json.loads(out.read_text())["rows"][3]
+    assert row["params"]["store_dtype"] == "float16" and row["exact_stored_dtype_ms"] > 0 and row["exact_ms"] > 0
+    assert row["recall_at_1"] >= 0.9
 
 
 @pytest.mark.parametrize("max_ms, recall, rss_mb, met", [

@@ -110,7 +110,7 @@ class FaissIndex(BaseIndex):
     # ------------------------------------------------------------------ bookkeeping
     def _update_params(self) -> None:
         self.params = {"strategy": self.strategy, "refresh_every": self.refresh_every,
-                       **self.engine.resolved}
+                       "store_dtype": self.store.dtype_name, **self.engine.resolved}
 
     @property
     def delta_size(self) -> int:
