@@ -94,8 +94,9 @@ def bench_accuracy(datasets, models, arms, seeds, epochs, precision, batch_size,
 @click.argument("stage", type=click.Choice(["tune", "final", "report"]))
 @click.option("--datasets", default="retinamnist,breastmnist", show_default=True, help="Comma-separated.")
 @click.option("--models", default="small_cnn,resnet18", show_default=True, help="final: comma-separated models.")
-@click.option("--arms", default="ce,ce-matched,nil-fresh,nil-stored", show_default=True,
-              help="Comma-separated arms (ce, ce-matched = CE with replayed distractor images, nil-fresh, nil-stored).")
+@click.option("--arms", default="ce,ce-matched,nil-fresh,nil-stored,nil-gradient", show_default=True,
+              help="Comma-separated arms (ce, ce-matched = CE with replayed distractor images, nil-fresh, nil-stored, "
+                   "nil-gradient = the feature-gradient distractor).")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="final: comma-separated seeds.")
 @click.option("--tune-seeds", default="100", show_default=True, help="tune: seeds (keep them apart from --seeds).")
 @click.option("--tune-models", default="small_cnn", show_default=True, help="tune: models the grids run on.")
