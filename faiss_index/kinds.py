@@ -100,8 +100,6 @@ class IndexParams:
                 raise IndexInputError(f"{name} must be a positive integer, got {v!r}.")
         if p.strategy not in STRATEGIES:
             raise IndexInputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {p.strategy!r}.")
-        if p.store_dtype not in ("float32", "float16"):
-            raise IndexInputError(f"store_dtype must be float32 or float16, got {p.store_dtype!r}.")
         if p.nbits is not None and p.nbits > 8:
             raise IndexInputError(f"nbits must be at most 8, got {p.nbits}.")
         return p
