@@ -80,6 +80,7 @@ class IndexParams:
     strategy: str = "auto"          # "auto" | "sharded" | "global"
     multi_gpu: bool = True          # with device "cuda", spread class shards over all visible GPUs
     store_dtype: str = "float32"    # "float16" halves the stored vectors (re-ranking reads them back as float32)
+    inplace: bool | None = None     # CPU ivf/ivfpq: write upserted rows into the lists at once (None: where supported)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -98,6 +99,8 @@ class IndexParams:
             v = getattr(p, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise IndexInputError(f"{name} must be a positive integer, got {v!r}.")
+        if p.inplace is not None and not isinstance(p.inplace, bool):
+            raise IndexInputError(f"inplace must be true or false, got {p.inplace!r}.")
         if p.strategy not in STRATEGIES:
             raise IndexInputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {p.strategy!r}.")
         if p.nbits is not None and p.nbits > 8:

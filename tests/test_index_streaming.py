@@ -1,7 +1,8 @@
-"""Streaming semantics of FaissIndex: delta, stale entries, refresh, and a property test.
+"""Streaming semantics of FaissIndex: in-place updates, delta, stale entries, refresh, and a property test.
 
-The structure is rebuilt only at refresh; in between, upserted rows live in an exact delta and
-their stale structure entries are skipped, so results are always computed from fresh vectors.
+The CPU IVF engine writes upserted rows into its lists at once (in place); every other engine
+(and ivf/ivfpq with inplace=False) keeps them in an exact delta and skips their stale structure
+entries until the next rebuild. Either way results are computed from fresh vectors.
 """
 import math
 
@@ -47,16 +48,19 @@ def test_replaced_vector_is_never_returned_with_its_old_distance(kind):
     assert torch.equal(r2.ids, r.ids) if kind in ("flat",) else 0 not in r2.ids[0].tolist()
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
-def test_delta_is_found_before_refresh_and_after(kind):
+@pytest.mark.parametrize("kind,inplace", [("flat", None), ("ivfpq", False), ("ivfpq", None), ("ivf", None)])
+def test_a_new_row_is_found_before_refresh_and_after(kind, inplace):
     x, y = base_data(seed=1)
-    index = make_index(kind, DIM, 3, refresh_every=0)
+    index = make_index(kind, DIM, 3, refresh_every=0, **({} if inplace is None else {"inplace": inplace}))
+    assert index.inplace == (kind in ("ivf", "ivfpq") and inplace is None)
     index.upsert(torch.arange(600), x, y)
     index.build()
     assert index.delta_size == 0
     target = torch.full((1, DIM), 3.0)
     index.upsert(torch.tensor([10_000]), target, torch.tensor([2]))  # a new id, not in the structure
-    assert index.delta_size == 1
+    # in place: written into the lists at once; otherwise searched exactly until the next refresh
+    assert index.delta_size == (0 if index.inplace else 1)
+    assert index.engine.ntotal == (601 if index.inplace else 600)
     for _ in range(2):
         r = index.search_other_class(target + 0.01, torch.tensor([0]), 1)
         assert r.ids[0, 0] == 10_000 and r.labels[0, 0] == 2
@@ -84,7 +88,7 @@ def test_a_sample_never_returns_itself_and_label_changes_are_respected():
 
 def test_refresh_every_counts_upserts():
     x, y = base_data(seed=3)
-    index = FaissIndex(DIM, 3, kind="ivf", refresh_every=3, background=False)
+    index = FaissIndex(DIM, 3, kind="ivf", refresh_every=3, background=False, inplace=False)
     for i in range(7):
         index.upsert(torch.arange(i * 50, i * 50 + 50), x[i * 50:(i + 1) * 50], y[i * 50:(i + 1) * 50])
         expected_delta = 50 * ((i + 1) % 3)
@@ -97,15 +101,73 @@ def test_refresh_every_counts_upserts():
     assert index.delta_size == 0 and index.engine.ntotal == 350
 
 
+def test_in_place_updates_keep_the_delta_empty_and_find_moved_rows_at_once():
+    x, y = base_data(n=3000, seed=8)
+    index = FaissIndex(DIM, 3, kind="ivfpq", refresh_every=0)
+    index.upsert(torch.arange(3000), x, y)
+    index.build()
+    exact = make_index("exact", DIM, 3)
+    exact.upsert(torch.arange(3000), x, y)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        rows = torch.randperm(3000, generator=g)[:200]
+        v = x[rows] + 0.5 * torch.randn(200, DIM, generator=g)
+        lab = torch.where(torch.rand(200, generator=g) < 0.1, (y[rows] + 1) % 3, y[rows])  # some change class
+        for ix in (index, exact):
+            ix.upsert(rows, v, lab)
+        x[rows], y[rows] = v, lab
+    assert index.delta_size == 0 and index.engine.index.ntotal == 3000 + 10 * 200  # old entries wait for a refresh
+    # Each moved row is found through its new entry: querying with its exact vector from another class
+    q = torch.randperm(3000, generator=g)[:100]
+    yq = (y[q] + 1) % 3
+    r = index.search_other_class(x[q], yq, 1)
+    assert torch.equal(r.ids[:, 0], q) and torch.equal(r.labels[:, 0], y[q])
+    # and results are exact distances of fresh vectors, never closer than the truth, mostly the truth
+    a = index.search_other_class(x[:300], y[:300], 3, query_ids=torch.arange(300))
+    b = exact.search_other_class(x[:300], y[:300], 3, query_ids=torch.arange(300))
+    assert (a.distances >= b.distances - 1e-4).all()
+    assert (a.ids[:, 0] == b.ids[:, 0]).float().mean() >= 0.9
+    assert len(set(a.ids[0].tolist())) == 3  # an old and a new entry of one row never both come back
+    index.refresh()
+    assert index.engine.index.ntotal == 3000
+
+
+def test_a_background_rebuild_is_swapped_in_at_a_fixed_step_and_newer_rows_drain_into_it():
+    x, y = base_data(seed=3)
+    index = FaissIndex(DIM, 3, kind="ivfpq", refresh_every=4)  # swap 4 // 2 = 2 upserts after the start
+    assert index.background and index.inplace
+    for i in range(4):
+        index.upsert(torch.arange(i * 50, i * 50 + 50), x[i * 50:(i + 1) * 50], y[i * 50:(i + 1) * 50])
+    assert index._job is not None and not index.engine.built and index.delta_size == 200  # old structure in use
+    index.upsert(torch.arange(200, 250), x[200:250], y[200:250])
+    assert index._job is not None and index.delta_size == 250
+    index.upsert(torch.arange(0, 50), x[:50] * 0.5, y[:50])  # second upsert: swapped, then drained
+    assert index._job is None and index.engine.built and index.last_refresh_s > 0
+    # rows 200-249 (new) and 0-49 (moved) were written after the start: they went to the delta at the
+    # swap and (at least 1024 rows per upsert) straight on into the new structure
+    assert index.delta_size == 0 and index.engine.ntotal == 250
+    r = index.search_other_class(x[:50] * 0.5, y[:50], 1, query_ids=torch.arange(50))
+    exact = make_index("exact", DIM, 3)
+    exact.upsert(torch.arange(250), torch.cat([x[:50] * 0.5, x[50:250]]), y[:250])
+    want = exact.search_other_class(x[:50] * 0.5, y[:50], 1, query_ids=torch.arange(50))
+    assert (r.distances[:, 0] >= want.distances[:, 0] - 1e-5).all()
+    assert (r.ids[:, 0] == want.ids[:, 0]).float().mean() >= 0.8
+
+
 def test_a_background_rebuild_is_swapped_in_at_a_fixed_step_and_newer_rows_stay_in_the_delta():
     x, y = base_data(seed=3)
-    index = FaissIndex(DIM, 3, kind="ivf", refresh_every=8)  # swap 8 // 4 = 2 upserts after the start
+    index = FaissIndex(DIM, 3, kind="ivf", refresh_every=4, inplace=False)  # swap 4 // 2 = 2 upserts later
     assert index.background
     for i in range(8):
         index.upsert(torch.arange(i * 50, i * 50 + 50), x[i * 50:(i + 1) * 50], y[i * 50:(i + 1) * 50])
-    assert index._job is not None and not index.engine.built and index.delta_size == 400  # old structure in use
+    index._finish_rebuild()
+    index.refresh()  # a clean start: 400 rows built, empty delta
+    for i in range(3):
+        index.upsert(torch.arange(300 + i, 301 + i), x[300 + i:301 + i], y[300 + i:301 + i])
+    index.upsert(torch.arange(300, 350), x[300:350], y[300:350])  # fourth: a rebuild starts
+    assert index._job is not None and index.delta_size == 50
     index.upsert(torch.arange(400, 450), x[400:450], y[400:450])
-    assert index._job is not None and index.delta_size == 450
+    assert index._job is not None and index.delta_size == 100
     index.upsert(torch.arange(0, 50), x[:50] * 0.5, y[:50])  # second upsert: swapped
     assert index._job is None and index.engine.ntotal == 400 and index.last_refresh_s > 0
     assert index.delta_size == 100  # rows 400-449 (new) and 0-49 (moved) were written after the start
@@ -152,12 +214,13 @@ def test_a_failed_background_rebuild_is_raised_at_the_swap_and_the_index_still_a
         raise RuntimeError("out of memory while rebuilding")
 
     monkeypatch.setattr(engine_type, "build_prepared", broken)
-    for i in range(4):
+    for i in range(5):  # the fourth starts the rebuild, the sixth swaps it in
         index.upsert(torch.arange(i * 10, i * 10 + 10), x[i * 10:i * 10 + 10], y[i * 10:i * 10 + 10])
     with pytest.raises(RuntimeError, match="out of memory while rebuilding"):
         index.upsert(torch.arange(300, 310), x[300:310], y[300:310])
     monkeypatch.undo()
-    assert index.engine.ntotal == 300 and len(index) == 310
+    # the old structure stays in use; the rows of the failing call were already written into it
+    assert index.engine.ntotal == 310 and len(index) == 310
     r = index.search_other_class(x[:5], y[:5], 1, query_ids=torch.arange(5))
     assert (r.ids[:, 0] >= 0).all()
 
@@ -310,7 +373,7 @@ def test_a_bulk_load_keeps_one_copy_of_the_vectors_and_is_searched_exactly():
     assert torch.equal(r.ids, i_true) and torch.allclose(r.distances, d_true)  # exact before the build
     index.build()
     index.upsert(torch.arange(10), x[:10] * 2, y[:10])
-    assert index.delta_size == 10  # after the build, changed rows are the delta again
+    assert index.delta_size == 0 and index.engine.index.ntotal == 5010  # after the build: written in place
 
 
 def test_a_float16_store_streams_like_a_float32_one():

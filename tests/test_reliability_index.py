@@ -21,7 +21,7 @@ CLASSES = ["a", "b", "c"]
 def pristine(tmp_path_factory):
     pytest.importorskip("faiss")
     x, y = clustered(300, 8, 3, clusters_per_class=2, spread=0.5, seed=2)
-    index = make_index("ivf", 8, 3, nlist=4)
+    index = make_index("ivf", 8, 3, nlist=4, inplace=False)  # upserted rows wait in the delta
     index.upsert(torch.arange(300), x, y)
     index.build()
     index.upsert(torch.tensor([1, 400]), x[:2] * 0.5, torch.tensor([2, 0]))  # a delta in flight

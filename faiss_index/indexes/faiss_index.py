@@ -1,18 +1,24 @@
-"""FaissIndex: a streaming approximate index = store + rebuilt faiss structure + exact delta.
+"""FaissIndex: a streaming approximate index = store + faiss structure + exact delta.
 
-Every ``upsert`` writes the store and the :class:`DeltaBuffer`: the written rows' entries in the
-faiss structure (built at the last refresh) are stale, so they are skipped there, and the rows
-are searched exactly (:func:`knn_other_class`) in the delta instead. Candidates from both
-are re-ranked with the freshest stored vectors, so a stale structure costs recall, never
-correctness. Every ``refresh_every`` upserts (or on :meth:`refresh` / :meth:`build`) the
-structure is rebuilt from the store and the delta emptied. The CPU IVF engine (kinds "ivf" and
-"ivfpq", the CPU default) rebuilds in a background thread instead, so no training step waits for a
-rebuild: searches use the old structure until the new one is swapped in, a fixed number of upserts
-later, and the rows written in between stay in the delta.
+Every ``upsert`` writes the store, then brings the structure up to date in one of two ways:
 
-The structure never changes between refreshes, which sidesteps what GPU faiss indexes cannot do
-(no ``remove_ids``, no ``add_with_ids`` on GpuIndexFlat): faiss ids are store rows (or positions
-mapped to rows) and every build starts from scratch.
+* in place (the CPU IVF engine, kinds "ivf" and "ivfpq", the CPU default): each written row is
+  assigned to the nearest list of its class and appended there at once, so searches see it through
+  the structure and nothing is searched exactly. The row's older entry stays in its old list until
+  the next rebuild; it can only propose the row, never decide its distance.
+* through the :class:`DeltaBuffer` (every other engine, GPU included): the written rows' entries
+  in the structure are stale and skipped, and the rows are searched exactly
+  (:func:`knn_other_class`) in the delta until the next rebuild.
+
+Candidates from both are re-ranked with the freshest stored vectors, so a stale entry costs
+recall, never correctness. Every ``refresh_every`` upserts (or on :meth:`refresh` / :meth:`build`)
+the structure is rebuilt from the store (new centroids, no dead entries). The CPU IVF engine
+rebuilds in a background thread, so no training step waits for it: searches use the current
+structure until the new one is swapped in, ``refresh_every // 2`` upserts later; the rows written
+in between sit in the delta and are moved into the new structure over the next few upserts.
+
+Engines without in-place updates never change between refreshes, which sidesteps what GPU
+faiss indexes cannot do (no ``remove_ids``, no ``add_with_ids`` on GpuIndexFlat).
 """
 from __future__ import annotations
 
@@ -38,6 +44,9 @@ LOG = logging.getLogger(__name__)
 
 __all__ = ["FaissIndex"]
 
+# Rows moved from the delta into an in-place structure per upsert, at least (4x the batch otherwise).
+_MIN_DRAIN = 1024
+
 
 class FaissIndex(BaseIndex):
     """Approximate other-class / same-class search with faiss, exact on what changed since the last build.
@@ -48,9 +57,9 @@ class FaissIndex(BaseIndex):
         kind: "flat", "ivf", "ivfpq", "hnsw" (CPU only) or "cagra" (CUDA with cuVS).
         device: "cpu" or "cuda[:N]"; "cuda" without an index spreads class shards over all GPUs.
         refresh_every: rebuild the structure after this many upsert calls (0 = only on request).
-        background: rebuild in a thread and swap the new structure in ``refresh_every // 4`` upserts
+        background: rebuild in a thread and swap the new structure in ``refresh_every // 2`` upserts
             later (None: wherever the engine supports it, i.e. ivf / ivfpq on CPU).
-        **params: see :class:`IndexParams` (nlist, nprobe, m, nbits, rerank, efSearch, strategy, ...).
+        **params: see :class:`IndexParams` (nlist, nprobe, m, nbits, rerank, inplace, strategy, ...).
     """
 
     def __init__(self, dim: int, num_classes: int, kind: str = "ivf", device: str | torch.device = "cpu",
@@ -104,13 +113,18 @@ class FaissIndex(BaseIndex):
             raise IndexInputError(f"a background rebuild needs the CPU IVF engine (kind ivf or ivfpq on CPU); "
                                   f"this index uses {type(self.engine).__name__}.")
         self.background = can if background is None else bool(background)
+        can = hasattr(self.engine, "update")
+        if p.inplace and not can:
+            raise IndexInputError(f"in-place updates need the CPU IVF engine (kind ivf or ivfpq on CPU); "
+                                  f"this index uses {type(self.engine).__name__}.")
+        self.inplace = can if p.inplace is None else p.inplace
         self._job: _Rebuild | None = None
         self._update_params()
 
     # ------------------------------------------------------------------ bookkeeping
     def _update_params(self) -> None:
         self.params = {"strategy": self.strategy, "refresh_every": self.refresh_every,
-                       "store_dtype": self.store.dtype_name, **self.engine.resolved}
+                       "store_dtype": self.store.dtype_name, "inplace": self.inplace, **self.engine.resolved}
 
     @property
     def delta_size(self) -> int:
@@ -122,20 +136,23 @@ class FaissIndex(BaseIndex):
         return self.delta.changed(len(self.store)) if self.engine.built else None
 
     def upsert(self, ids: Any, vectors: Any, labels: Any) -> torch.Tensor:
-        """Write samples to the store and the exact delta; refresh every ``refresh_every`` calls.
+        """Write samples to the store and the structure (in place, or the exact delta); refresh every
+        ``refresh_every`` calls.
 
         ids (B,) int >= 0, vectors (B, D) float, labels (B,) int. Returns (U,) int64 rows written.
         """
         rows = self.store.upsert(ids, vectors, labels, self.num_classes)
-        s = self.store
-        fresh = (rows, s.vectors[rows], s.labels[rows], s.ids[rows])
         if self.engine.built:  # before the first build the store itself is searched: no second copy
-            self.delta.write(*fresh)
+            self._write(rows)
         if self._job is not None:
-            self._job.since.write(*fresh)
+            s = self.store
+            self._job.since.write(rows, s.vectors[rows], s.labels[rows], s.ids[rows])
         self._steps += 1
         if self._job is not None and self._steps >= self._job.swap_at:
             self._finish_rebuild()
+        if self.inplace and self.engine.built and len(self.delta):
+            # Rows written during a background rebuild: move a few into the new structure per call.
+            self._write(self.delta.pop(max(4 * rows.numel(), _MIN_DRAIN)))
         if self.refresh_every and self._steps >= self.refresh_every:
             if self.background:
                 self._start_rebuild()
@@ -143,18 +160,32 @@ class FaissIndex(BaseIndex):
                 self.refresh()
         return rows
 
+    def _write(self, rows: torch.Tensor) -> None:
+        """Bring the structure up to date with store rows just written: in place where the engine can,
+        otherwise (or for rows it cannot place) into the exact delta."""
+        s = self.store
+        if self.inplace:
+            placed = rows
+            rows = self.engine.update(rows, s.vectors[rows], s.labels[rows])
+            stale = self.delta.contains(placed)  # a copy still waiting in the delta: keep it fresh
+            if stale.any():
+                rows = torch.cat([rows, placed[stale]]).unique()
+        if rows.numel():
+            self.delta.write(rows, s.vectors[rows], s.labels[rows], s.ids[rows])
+
     # ------------------------------------------------------------------ background rebuild
     def _start_rebuild(self) -> None:
         """Rebuild a copy of the engine in a thread from the store as it is now; searches go on with
-        the current structure. The copy is swapped in ``refresh_every // 4`` upserts later (waiting
+        the current structure. The copy is swapped in ``refresh_every // 2`` upserts later (waiting
         for it only if it is not done by then), at the same step whatever the timing, so a seeded
-        run stays reproducible. Rows written meanwhile stay in the exact delta after the swap."""
+        run stays reproducible. Rows written meanwhile go to the exact delta at the swap (and from
+        there, with in-place updates, into the new structure over the next upserts)."""
         self._finish_rebuild()
         n = len(self.store)
         engine = copy.copy(self.engine)
         prepared = engine.prepare(self.store.vectors[:n], self.store.labels[:n], self._changed())
         job = _Rebuild(engine=engine, since=DeltaBuffer(self.dim, self.device),
-                       swap_at=max(1, self.refresh_every // 4))
+                       swap_at=max(1, self.refresh_every // 2))
         follow_torch_threads(self._faiss)
         # not a daemon: the interpreter's exit waits for it (a daemon thread still inside faiss / OpenMP
         # when the process ends aborts it with "terminate called without an active exception")

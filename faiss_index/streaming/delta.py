@@ -63,6 +63,14 @@ class DeltaBuffer:
         self.labels[slot] = labels
         self.ids[slot] = ids
 
+    def pop(self, k: int) -> torch.Tensor:
+        """Remove up to k rows (the newest slots, so nothing moves) and return them (k,) int64."""
+        k = min(int(k), self.n)
+        out = self.rows[self.n - k:self.n].clone()
+        self.pos[out] = -1
+        self.n -= k
+        return out
+
     def _reserve(self, n: int) -> None:
         self.rows, self.vectors, self.labels, self.ids = grow_rows(
             (self.rows, self.vectors, self.labels, self.ids), self.n, n, fills=(None, None, None, None))

@@ -51,6 +51,7 @@ class PartitionedIVF(Engine):
         self.list_size = torch.empty(0, dtype=torch.int64)
         self.nlist_per_class = [0] * self.num_classes
         self._pq: dict | None = None  # codebook, its training error, packed codes per row
+        self.pq_centroids: torch.Tensor | None = None  # (m, 2**nbits, D // m), encodes in-place updates
         self._resolve(counts=[0] * self.num_classes)
 
     # ------------------------------------------------------------------ parameters
@@ -83,34 +84,25 @@ class PartitionedIVF(Engine):
         self.build_prepared(self.prepare(vectors, labels, changed))
 
     def prepare(self, vectors: torch.Tensor, labels: torch.Tensor, changed: torch.Tensor | None = None) -> dict:
-        """Everything a build reads that may change while it runs, copied now: the labels, each
-        class's k-means sample and the PQ check sample (a few hundred thousand rows at most).
+        """What a build reads that may change while it runs, copied now: the labels and which rows
+        changed since the last build (two cheap copies, so starting a background rebuild costs a
+        training step almost nothing).
 
-        :meth:`build_prepared` then reads ``vectors`` live only to assign and encode rows, so a
-        build in a background thread depends on the store as it was here, except for rows written
-        meanwhile (the index keeps those in its exact delta and ignores them in this structure).
+        :meth:`build_prepared` reads ``vectors`` live (k-means samples, assignment, codes), so a
+        build in a background thread sees the store as it was here, except for rows written
+        meanwhile: the index writes those again into the new structure once it is swapped in.
         """
-        vectors = vectors.detach()
-        labels = labels.detach().to("cpu").clone()
-        counts = torch.bincount(labels, minlength=self.num_classes).tolist()
-        self._resolve(counts)
-        r = self.resolved
-        rows = [(labels == c).nonzero().squeeze(1) for c in range(self.num_classes)]
-        samples = [None if not r["nlist_per_class"][c] else vectors[rows[c][seeded_sample(
-            counts[c], r["max_points_per_centroid"] * r["nlist_per_class"][c], r["seed"] + 7919 * c
-        )].to(vectors.device)].to("cpu", torch.float32) for c in range(self.num_classes)]
-        pq_sample = None
-        if self.kind == "ivfpq" and labels.shape[0]:
-            pick = seeded_sample(labels.shape[0], _PQ_TRAIN_ROWS, r["seed"] + 1).to(vectors.device)
-            pq_sample = vectors[pick].to("cpu", torch.float32)
-        return {"vectors": vectors, "labels": labels, "rows": rows, "samples": samples,
-                "pq_sample": pq_sample, "changed": None if changed is None else changed.detach().cpu().clone()}
+        return {"vectors": vectors.detach(), "labels": labels.detach().to("cpu").clone(),
+                "changed": None if changed is None else changed.detach().cpu().clone()}
 
     def build_prepared(self, job: dict) -> None:
         """Build from :meth:`prepare`'s snapshot (safe to run in a thread while searches use another copy)."""
         faiss = self.faiss
         vectors, labels = job["vectors"], job["labels"]
+        counts = torch.bincount(labels, minlength=self.num_classes).tolist()
+        self._resolve(counts)
         r = self.resolved
+        rows_of = [(labels == c).nonzero().squeeze(1) for c in range(self.num_classes)]
         old_cent, old_nlist = self.centroids, self.nlist_per_class
         cents, list_class, nlists = [], [], []
         list_no = torch.empty(labels.shape[0], dtype=torch.int64)
@@ -124,10 +116,12 @@ class PartitionedIVF(Engine):
             nlists.append(nl)
             if not nl:
                 continue
-            rows_c = job["rows"][c]
+            rows_c = rows_of[c]
+            pick = seeded_sample(counts[c], r["max_points_per_centroid"] * nl, r["seed"] + 7919 * c)
+            sample = vectors[rows_c[pick].to(vectors.device)].to("cpu", torch.float32)
             # A refresh starts from the previous centroids, so fewer iterations suffice.
             niter = r["niter"] if init is None else max(4, r["niter"] // 3)
-            cent = kmeans(job["samples"][c], nl, niter=niter, seed=r["seed"] + c, init=init)
+            cent = kmeans(sample, nl, niter=niter, seed=r["seed"] + c, init=init)
             a, _ = assign(vectors[rows_c.to(vectors.device)].to("cpu", torch.float32), cent)
             list_no[rows_c] = a + offset
             cents.append(cent)
@@ -141,10 +135,12 @@ class PartitionedIVF(Engine):
         centroids = torch.cat(cents)
         ids = torch.arange(labels.shape[0], dtype=torch.int64)
         cpu_vectors = vectors.to("cpu")  # a float16 store stays float16: codes are encoded block by block
+        pq_cent = None
         if self.kind == "ivf":
             index, quantizer = build_ivf(faiss, "ivf", cpu_vectors.to(torch.float32), centroids, list_no, ids)
         else:
-            pq_cent, codes = self._codes_for(cpu_vectors, job["changed"], job["pq_sample"])
+            pick = seeded_sample(labels.shape[0], _PQ_TRAIN_ROWS, r["seed"] + 1).to(vectors.device)
+            pq_cent, codes = self._codes_for(cpu_vectors, job["changed"], vectors[pick].to("cpu", torch.float32))
             index, quantizer = build_ivf(faiss, "ivfpq", cpu_vectors, centroids, list_no, ids, m=r["m"],
                                          nbits=r["nbits"], pq_centroids=pq_cent, codes=codes,
                                          fast_scan=r["nbits"] == 4)
@@ -154,8 +150,76 @@ class PartitionedIVF(Engine):
         self.index, self._quantizer = index, quantizer
         self._c_sq = (self.centroids * self.centroids).sum(1)
         self.ntotal = int(labels.shape[0])
+        self.pq_centroids = pq_cent
         self.built = True
         self.resolved = {**r, "nlist_total": offset}
+
+    # ------------------------------------------------------------------ in-place updates
+    def update(self, rows: torch.Tensor, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Write changed store rows into the built structure now, so no exact delta grows.
+
+        Each row's new vector goes to the nearest list of its (new) class -- the centroids are
+        not retrained, that is what a refresh is for -- and is appended there with faiss id = row,
+        its PQ code computed with the current codebook. The row's older entry stays in its old list
+        until the next rebuild: a search may propose the row through either entry, and the exact
+        re-rank (fresh vector, fresh label, duplicates dropped) keeps every result correct.
+
+        rows (U,) int64 unique store rows; vectors (U, D); labels (U,). Returns the rows that could not
+        be placed (their class had no rows at the last build, so it has no lists), for the exact delta.
+        """
+        if not self.built or rows.numel() == 0:
+            return rows[:0] if self.built else rows
+        rows_cpu, labels = rows.to("cpu"), labels.to("cpu")
+        x = vectors.to("cpu", torch.float32)
+        list_no = torch.full((rows_cpu.shape[0],), -1, dtype=torch.int64)
+        offsets = [0]
+        for nl in self.nlist_per_class:
+            offsets.append(offsets[-1] + nl)
+        for c in labels.unique().tolist():
+            lo, hi = offsets[c], offsets[c + 1]
+            if hi == lo:
+                continue
+            sel = (labels == c).nonzero().squeeze(1)
+            a, _ = assign(x[sel], self.centroids[lo:hi], self._c_sq[lo:hi])
+            list_no[sel] = a + lo
+        placed = list_no >= 0
+        if not placed.all():
+            rows_cpu, x, list_no = rows_cpu[placed], x[placed], list_no[placed]
+        if rows_cpu.numel():
+            self._append(rows_cpu, x, list_no)
+        return rows[~placed.to(rows.device)]
+
+    def _append(self, rows: torch.Tensor, x: torch.Tensor, list_no: torch.Tensor) -> None:
+        """Append entries (faiss id = row) to the given inverted lists of the live faiss index."""
+        faiss = self.faiss
+        if self.kind == "ivf":
+            codes = np.ascontiguousarray(x.numpy()).view(np.uint8)
+        else:
+            codes = pack_codes(encode_pq(x, self.pq_centroids), self.resolved["nbits"])
+            if self._pq is not None:  # keep the cached codes current, so the next refresh reuses them
+                cache = self._pq["codes"]
+                inside = rows < cache.shape[0]
+                cache[rows[inside].numpy()] = codes[inside.numpy()]
+        order = torch.argsort(list_no, stable=True)
+        lists, counts = torch.unique_consecutive(list_no[order], return_counts=True)
+        ids = np.ascontiguousarray(rows[order].numpy(), dtype=np.int64)
+        codes = np.ascontiguousarray(codes[order.numpy()])
+        invlists = self.index.invlists
+        packer = getattr(faiss.downcast_InvertedLists(invlists), "packer", None)
+        start = 0
+        for lno, cnt in zip(lists.tolist(), counts.tolist()):
+            chunk = codes[start:start + cnt]
+            if packer is not None:
+                # Fast-scan lists take codes in their interleaved block layout.
+                blocks = np.zeros(-(-cnt // packer.nvec) * packer.block_size, dtype=np.uint8)
+                for i in range(cnt):
+                    packer.pack_1_c(faiss.swig_ptr(chunk[i]), i, faiss.swig_ptr(blocks))
+                chunk = blocks
+            invlists.add_entries(lno, cnt, faiss.swig_ptr(ids[start:start + cnt]), faiss.swig_ptr(chunk))
+            start += cnt
+        self.index.ntotal += len(ids)
+        self.list_size = self.list_size + torch.bincount(list_no, minlength=self.list_size.shape[0])
+        self.ntotal = max(self.ntotal, int(rows.max()) + 1)
 
     def _codes_for(self, vectors: torch.Tensor, changed: torch.Tensor | None, sample: torch.Tensor):
         """PQ codebook and packed codes (N, code_size) uint8 of every row.
@@ -237,6 +301,11 @@ class PartitionedIVF(Engine):
         self.list_size = torch.tensor([inv.list_size(i) for i in range(ivf.nlist)], dtype=torch.int64)
         self._c_sq = (self.centroids * self.centroids).sum(1)
         self.index, self._quantizer = index, None
+        self.pq_centroids = None
+        if self.kind == "ivfpq":
+            pq = faiss.downcast_index(index).pq
+            self.pq_centroids = torch.from_numpy(
+                faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub).copy())
         self.ntotal = int(meta["ntotal"])
         self.built = True
         self.resolved["nlist_total"] = int(ivf.nlist)
