@@ -36,11 +36,15 @@ MAX_IMAGE_PIXELS = 1 << 25  # an upload decoding to more pixels is refused (a sm
 @click.option("--torch-threads", default=1, show_default=True, type=click.IntRange(1),
               help="Intra-op threads of each search (torch and faiss). A batch of 32 gains nothing from more, "
                    "and concurrent requests already use the cores.")
+@click.option("--coalesce", default=1024, show_default=True, type=click.IntRange(0),
+              help="While every search thread is busy, queued search requests with the same k are answered "
+                   "by one index call of up to this many query vectors (0: each request alone). Answers "
+                   "are the same either way; under load it saves the per-call overhead.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
               help="Worker processes, each with its own copy of the index; more than 1 is read-only.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 def index_serve(index_dir, checkpoint, host, port, token, max_batch, max_k, max_body_mb, search_threads, torch_threads,
-                workers, device):
+                coalesce, workers, device):
     """Serve an index folder over HTTP: search by vector or by image, upsert, snapshot.
 
     Endpoints: GET /healthz, GET /v1/index, POST /v1/search, POST /v1/search/image, POST /v1/upsert,
@@ -58,7 +62,7 @@ def index_serve(index_dir, checkpoint, host, port, token, max_batch, max_k, max_
                                    "`nil index build`.")
     config = {"index_dir": str(Path(index_dir).resolve()), "checkpoint": checkpoint, "device": device,
               "limits": {"max_batch": max_batch, "max_k": max_k, "max_body_bytes": int(max_body_mb * 2**20),
-                         "search_threads": search_threads or os.cpu_count() or 1},
+                         "search_threads": search_threads or os.cpu_count() or 1, "coalesce": coalesce},
               "torch_threads": torch_threads, "writable": workers == 1}
     server_log = logging.getLogger("faiss_index.service")
     if server_log.getEffectiveLevel() > logging.INFO:

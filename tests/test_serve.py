@@ -53,8 +53,8 @@ def _build_index(folder: Path, checkpoint: Path | None) -> None:
 
     extra = {"checkpoint": str(checkpoint)} if checkpoint else {"owner": "lab 3"}
     x, y = clustered(N, DIM, CLASSES, clusters_per_class=10, seed=0)
-    # refresh_every: upserts stay in the exact delta, so the tests' own neighbours are found exactly
-    index = faiss_index.make_index("ivfpq", DIM, CLASSES, refresh_every=100_000)
+    # inplace off, refresh_every: upserts stay in the exact delta, so the tests' own neighbours are found exactly
+    index = faiss_index.make_index("ivfpq", DIM, CLASSES, refresh_every=100_000, inplace=False)
     index.upsert(torch.arange(N) * 3 + 7, x, y)  # ids that are not row numbers
     index.build()
     faiss_index.save_index(index, folder, classes=["stroma", "muscle", "tumour"], keys=[f"slide/{i}" for i in range(N)],

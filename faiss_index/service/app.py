@@ -58,6 +58,7 @@ from .schema import (
     npy_body,
     parse,
 )
+from .batching import SearchBatcher
 from .service import Embedder, IndexService, ServiceLimits
 
 LOG = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ def create_app(index: BaseIndex, manifest: dict, folder: str | Path, *, keys: np
 
             state["lock"] = RWLock()
             state["search_slots"] = anyio.CapacityLimiter(limits.search_threads)
+            state["batcher"] = (SearchBatcher(read_locked, service.search, limits.search_threads, limits.coalesce)
+                                if limits.coalesce else None)
         return state
 
     @contextlib.asynccontextmanager
@@ -136,6 +139,11 @@ def create_app(index: BaseIndex, manifest: dict, folder: str | Path, *, keys: np
             async with st["search_slots"]:
                 return await run_in_threadpool(fn, *args, **kw)
 
+    async def read_locked(fn, *args):
+        # the batcher's runner: it limits the batches in flight to the search threads itself
+        async with loop_state()["lock"].read():
+            return await run_in_threadpool(fn, *args)
+
     async def write(fn, *args):
         async with loop_state()["lock"].write():
             return await run_in_threadpool(fn, *args)
@@ -179,7 +187,11 @@ def create_app(index: BaseIndex, manifest: dict, folder: str | Path, *, keys: np
             req = parse(SearchRequest, body)
             k = req.k
             xq, yq = checks.queries(req.vectors, req.labels, k)
-        return await read(search_answer, xq, yq, k, formats.answer_encoder(request))
+        encode = formats.answer_encoder(request)
+        batcher = loop_state()["batcher"]
+        if batcher is not None:
+            return await batcher.submit(xq, yq, k, encode)
+        return await read(search_answer, xq, yq, k, encode)
 
     @app.post("/v1/search/image", response_model=SearchResponse, dependencies=[Depends(can_read)],
               tags=["search"], responses={409: {"description": "the server has no checkpoint"}})

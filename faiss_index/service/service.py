@@ -29,6 +29,8 @@ class ServiceLimits:
     max_k: int = 100                    # neighbours per query
     max_body_bytes: int = 32 << 20      # request body, JSON or image upload
     search_threads: int = 4             # searches run at once (each also uses torch's intra-op threads)
+    coalesce: int = 1024                # queued /v1/search requests searched as one call, up to this many
+                                        # query vectors (0: every request on its own)
 
 
 class IndexService:
