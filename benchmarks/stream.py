@@ -227,14 +227,21 @@ def stream_markdown(result: dict) -> str:
     out = markdown_head("Streaming: the engine over a training-like stream", result) + machine_lines(result) + [
         f"- elapsed {result.get('elapsed_s')} s", "",
         f"Each step searches a batch of {s['batch']} stored samples' moved vectors (their nearest other-class "
-        f"sample, k = 1) and upserts them; the structure refreshes every {s['refresh_every']} steps inside the "
-        f"upsert; {s['steps']} steps per row ({s['cycles']} cycles). Step ms = search + upsert; exact ms = "
-        "exact-torch on the same batch against the same memory (median); recall@1 per step against it.", ""]
-    table = [[r["method"], r["data"], f"{r['n']:,}", fmt(r["p50_ms"]), fmt(r["max_ms"]), fmt(r["exact_ms"]),
-              fmt(r["exact_ms"] / r["max_ms"]), f"{r['recall_at_1']:.3f}", f"{r['recall_min']:.3f}",
-              fmt(r["peak_rss_mb"], 0), fmt(r["build_s"])] for r in result["rows"]]
-    out += [markdown_table(["method", "data", "n", "p50 ms", "max ms", "exact ms", "x exact at max", "recall@1",
-                            "lowest step recall", "peak RSS MB", "build s"], table), ""]
+        f"sample, k = 1) and upserts them; the structure is rebuilt every `refresh` steps (last run: "
+        f"{s['refresh_every']}); {s['cycles']} refresh cycles per row. Upserts go into the structure in place, or "
+        "into an exact delta searched until the next rebuild (column updates). Step ms = search + upsert; exact ms "
+        "= exact-torch on the same batch against the same memory (median); recall@1 per step against it.", ""]
+
+    def updates(r):
+        return {True: "in place", False: "exact delta"}.get(r["params"].get("inplace"), "exact delta")
+
+    table = [[r["method"], r["data"], f"{r['n']:,}", updates(r), str(r["params"].get("refresh_every", "")),
+              str(r["steps"]), fmt(r["p50_ms"]), fmt(r["max_ms"]), fmt(r["exact_ms"]),
+              fmt(r["exact_ms"] / r["p50_ms"]), fmt(r["exact_ms"] / r["max_ms"]), f"{r['recall_at_1']:.3f}",
+              f"{r['recall_min']:.3f}", fmt(r["peak_rss_mb"], 0), fmt(r["build_s"])] for r in result["rows"]]
+    out += [markdown_table(["method", "data", "n", "updates", "refresh", "steps", "p50 ms", "max ms", "exact ms",
+                            "x exact at p50", "x exact at max", "recall@1", "lowest step recall", "peak RSS MB",
+                            "build s"], table), ""]
     params = {f"{r['method']} {r['data']} {r['n']:,}": r["params"] for r in result["rows"]}
     out += ["Resolved parameters: " + "; ".join(f"{k}: {v}" for k, v in params.items()), "", "## Goals", ""]
     for g in result.get("goals", []):
