@@ -79,6 +79,9 @@ class ServeBench:
     search_threads: int | None = None  # the server's --search-threads (None: its default, the cores)
     torch_threads: int | None = None  # the server's --torch-threads (None: its default, 1)
     workers: int = 1  # server worker processes (each holds a copy of the index; more than 1 is read-only)
+    coalesce: int | None = None  # the server's --coalesce (None: its default)
+    loop: str = "auto"  # the server's --loop (auto: uvloop when installed)
+    http: str = "auto"  # the server's --http (auto: httptools when installed)
     # output
     out: str = "benchmarks/results/serve.json"
 
@@ -137,6 +140,12 @@ def _server(folder: Path, log: Path, token: str, cfg: ServeBench) -> ServeProces
         args += ["--torch-threads", str(cfg.torch_threads)]
     if cfg.search_threads:
         args += ["--search-threads", str(cfg.search_threads)]
+    if cfg.coalesce is not None:
+        args += ["--coalesce", str(cfg.coalesce)]
+    if cfg.loop != "auto":
+        args += ["--loop", cfg.loop]
+    if cfg.http != "auto":
+        args += ["--http", cfg.http]
     return ServeProcess(folder, log, *args, token=token, env={"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY",
                                                                                                "PASSIVE")})
 

@@ -68,12 +68,19 @@ def _rates(ctx, param, value: str | None) -> tuple[float, ...]:
               help="The server's --torch-threads [default: its own default].")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
               help="The server's --workers (processes, each with a copy of the index).")
+@click.option("--coalesce", default=None, type=click.IntRange(0),
+              help="The server's --coalesce (0: every request searched alone) [default: its own default].")
+@click.option("--loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto", show_default=True,
+              help="The server's --loop.")
+@click.option("--http", type=click.Choice(["auto", "h11", "httptools"]), default="auto", show_default=True,
+              help="The server's --http.")
 # output
 @click.option("--out", default="benchmarks/results/serve.json", show_default=True, type=click.Path(),
               help="Result JSON; the .md table is written beside it.")
 @click.pass_context
 def bench_serve(ctx, n, dim, classes, kind, seed, formats, requests, clients, batch, k, warmup, max_seconds, rates,
-                rate_seconds, connections, request_timeout, search_threads, torch_threads, workers, out):
+                rate_seconds, connections, request_timeout, search_threads, torch_threads, workers, coalesce, loop, http,
+                out):
     """Load a real `nil index serve` on loopback: throughput, p50/p95/p99, errors, closed and open loop.
 
     Builds a seeded index of N clustered vectors and serves it from its own process. From this
@@ -86,7 +93,8 @@ def bench_serve(ctx, n, dim, classes, kind, seed, formats, requests, clients, ba
     cfg = ServeBench(n=n, dim=dim, classes=classes, kind=kind, seed=seed, formats=formats, requests=requests,
                      clients=clients, batch=batch, k=k, warmup=warmup, max_seconds=max_seconds, rates=rates,
                      rate_seconds=rate_seconds, connections=connections, request_timeout=request_timeout,
-                     search_threads=search_threads, torch_threads=torch_threads, workers=workers, out=out)
+                     search_threads=search_threads, torch_threads=torch_threads, workers=workers, coalesce=coalesce,
+                     loop=loop, http=http, out=out)
     run_serve_bench(cfg, command=_invocation(ctx))
     click.echo(Path(out).with_suffix(".md").read_text())
     click.echo(f"wrote {out} and {Path(out).with_suffix('.md')}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -40,11 +41,15 @@ MAX_IMAGE_PIXELS = 1 << 25  # an upload decoding to more pixels is refused (a sm
               help="While every search thread is busy, queued search requests with the same k are answered "
                    "by one index call of up to this many query vectors (0: each request alone). Answers "
                    "are the same either way; under load it saves the per-call overhead.")
+@click.option("--loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto", show_default=True,
+              help="uvicorn's event loop (auto: uvloop when installed, pip install \"nil[serve]\").")
+@click.option("--http", type=click.Choice(["auto", "h11", "httptools"]), default="auto", show_default=True,
+              help="uvicorn's HTTP parser (auto: httptools when installed, pip install \"nil[serve]\").")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
               help="Worker processes, each with its own copy of the index; more than 1 is read-only.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 def index_serve(index_dir, checkpoint, host, port, token, max_batch, max_k, max_body_mb, search_threads, torch_threads,
-                coalesce, workers, device):
+                coalesce, loop, http, workers, device):
     """Serve an index folder over HTTP: search by vector or by image, upsert, snapshot.
 
     Endpoints: GET /healthz, GET /v1/index, POST /v1/search, POST /v1/search/image, POST /v1/upsert,
@@ -67,7 +72,12 @@ def index_serve(index_dir, checkpoint, host, port, token, max_batch, max_k, max_
     server_log = logging.getLogger("faiss_index.service")
     if server_log.getEffectiveLevel() > logging.INFO:
         server_log.setLevel(logging.INFO)  # the request lines and the startup line are the service's output
-    common = {"host": host, "port": port, "access_log": False, "timeout_graceful_shutdown": 30}
+    for name, choice in (("uvloop", loop), ("httptools", http)):
+        if choice == name and importlib.util.find_spec(name) is None:
+            raise click.ClickException(f"{name} is not installed; pip install \"nil[serve]\" or leave the option "
+                                       "at auto.")
+    common = {"host": host, "port": port, "access_log": False, "timeout_graceful_shutdown": 30,
+              "loop": loop, "http": http}
     if workers == 1:
         uvicorn.run(make_app(config, token), **common)
         return
