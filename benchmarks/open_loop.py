@@ -88,12 +88,13 @@ class _Pool:
         self.slots = asyncio.Semaphore(size)
         self.idle: list[_Connection] = []
 
-    async def acquire(self) -> _Connection:
+    async def acquire(self, fresh: bool = False) -> tuple[_Connection, bool]:
+        """A connection and whether it was reused (fresh: never reuse)."""
         await self.slots.acquire()
-        if self.idle:
-            return self.idle.pop()
+        if self.idle and not fresh:
+            return self.idle.pop(), True
         try:
-            return _Connection(*await asyncio.open_connection(self.host, self.port))
+            return _Connection(*await asyncio.open_connection(self.host, self.port)), False
         except BaseException:
             self.slots.release()
             raise
@@ -112,13 +113,21 @@ class _Pool:
 
 
 async def _exchange(pool: _Pool, wire: bytes) -> tuple[int, bytes]:
-    conn = await pool.acquire()
-    reusable = False
-    try:
-        status, body, reusable = await conn.exchange(wire)
-        return status, body
-    finally:  # an error or a timeout leaves the connection in an unknown state: it is closed
-        pool.release(conn, reusable)
+    # A keep-alive connection the server closed while it sat idle (uvicorn closes them after 5 s)
+    # fails before any byte of an answer: like any HTTP client, send again once on a new connection.
+    for fresh in (False, True):
+        conn, reused = await pool.acquire(fresh)
+        reusable = False
+        try:
+            status, body, reusable = await conn.exchange(wire)
+            return status, body
+        except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as exc:
+            partial = getattr(exc, "partial", b"")
+            if not reused or partial:
+                raise
+        finally:  # an error or a timeout leaves the connection in an unknown state: it is closed
+            pool.release(conn, reusable)
+    raise AssertionError("unreachable")
 
 
 async def _run(url: str, requests: list[HttpRequest], rate: float, count: int, connections: int,

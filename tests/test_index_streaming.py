@@ -399,3 +399,28 @@ def test_a_float16_store_streams_like_a_float32_one():
         for index in (a, b):
             index.upsert(rows, moved, y[rows])
     assert a.store.vectors.dtype == torch.float16 and sum(agree) / len(agree) >= 0.97
+
+
+def test_in_place_appends_to_a_list_that_fills_whole_fast_scan_blocks():
+    """A fast-scan list of exactly a multiple of its block size in bytes: faiss' own add_entries copies
+    past the list there, so the engine grows the list and packs codes itself. Every appended code must
+    read back as written, and the moved rows must be found through them."""
+    faiss = pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(256, DIM, generator=g)
+    y = torch.cat([torch.zeros(128, dtype=torch.int64), torch.ones(128, dtype=torch.int64)])
+    index = FaissIndex(DIM, 2, kind="ivfpq", nlist=1, refresh_every=0)
+    index.upsert(torch.arange(256), x, y)
+    index.build()
+    inv = faiss.downcast_InvertedLists(index.engine.index.invlists)
+    assert inv.list_size(0) == 128 and inv.packer.block_size == 128  # 32 codes of 4 bytes per block
+    for step in range(3):  # 128 -> 168 -> 208 -> 248 entries, crossing block boundaries
+        rows = torch.arange(step * 40, step * 40 + 40)
+        v = x[rows] + 5.0
+        index.upsert(rows, v, y[rows])
+        x[rows] = v
+    assert inv.list_size(0) == 248
+    ids = faiss.rev_swig_ptr(inv.get_ids(0), 248)
+    assert sorted(ids[128:].tolist()) == list(range(120))
+    r = index.search_other_class(x[:120], torch.ones(120, dtype=torch.int64), 1)
+    assert torch.equal(r.ids[:, 0], torch.arange(120)) and r.distances[:, 0].abs().max() < 1e-4

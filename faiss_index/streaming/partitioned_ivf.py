@@ -209,13 +209,18 @@ class PartitionedIVF(Engine):
         start = 0
         for lno, cnt in zip(lists.tolist(), counts.tolist()):
             chunk = codes[start:start + cnt]
-            if packer is not None:
-                # Fast-scan lists take codes in their interleaved block layout.
-                blocks = np.zeros(-(-cnt // packer.nvec) * packer.block_size, dtype=np.uint8)
+            if packer is None:
+                invlists.add_entries(lno, cnt, faiss.swig_ptr(ids[start:start + cnt]), faiss.swig_ptr(chunk))
+            else:
+                # Fast-scan lists keep codes in interleaved blocks. Their add_entries copies whole blocks
+                # past the end of the list when its size is a multiple of the block size in bytes
+                # (faiss 1.15), so the list is grown here and the new codes packed in place.
+                o = invlists.list_size(lno)
+                invlists.resize(lno, o + cnt)
+                faiss.rev_swig_ptr(invlists.get_ids(lno), o + cnt)[o:] = ids[start:start + cnt]
+                block = invlists.get_codes(lno)
                 for i in range(cnt):
-                    packer.pack_1_c(faiss.swig_ptr(chunk[i]), i, faiss.swig_ptr(blocks))
-                chunk = blocks
-            invlists.add_entries(lno, cnt, faiss.swig_ptr(ids[start:start + cnt]), faiss.swig_ptr(chunk))
+                    packer.pack_1_c(faiss.swig_ptr(chunk[i]), o + i, block)
             start += cnt
         self.index.ntotal += len(ids)
         self.list_size = self.list_size + torch.bincount(list_no, minlength=self.list_size.shape[0])
