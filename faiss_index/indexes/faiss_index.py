@@ -167,9 +167,10 @@ class FaissIndex(BaseIndex):
         if self.inplace:
             placed = rows
             rows = self.engine.update(rows, s.vectors[rows], s.labels[rows])
-            stale = self.delta.contains(placed)  # a copy still waiting in the delta: keep it fresh
-            if stale.any():
-                rows = torch.cat([rows, placed[stale]]).unique()
+            if len(self.delta):  # a copy still waiting in the delta: keep it fresh
+                stale = self.delta.contains(placed)
+                if stale.any():
+                    rows = torch.cat([rows, placed[stale]]).unique()
         if rows.numel():
             self.delta.write(rows, s.vectors[rows], s.labels[rows], s.ids[rows])
 
