@@ -113,7 +113,8 @@ def run_stream(cfg: StreamBench, command: str) -> dict:
             if key in old:
                 LOG.info("skipping %s (already measured)", key)
                 continue
-            result["rows"].append(_stream_row(cfg, kind, data, n))
+            result["rows"].append(_stream_row(cfg, kind, data, n)
+                                  | {"command": command, "commit": result["git"]["commit"]})
             close_envelope(result, started)
             result["goals"] = stream_goals(result)
             write_result(out, result, stream_markdown(result))
@@ -225,7 +226,12 @@ def stream_goals(result: dict) -> list[dict]:
 def stream_markdown(result: dict) -> str:
     s = result["settings"]
     out = markdown_head("Streaming: the engine over a training-like stream", result) + machine_lines(result) + [
-        f"- elapsed {result.get('elapsed_s')} s", "",
+        f"- elapsed {result.get('elapsed_s')} s (last command)", ""]
+    # rows kept from earlier commands name the command that measured them (machine and load may differ)
+    earlier = sorted({r["command"] for r in result["rows"] if r.get("command", result["command"]) != result["command"]})
+    if earlier:
+        out += ["Rows measured by earlier commands, kept in the file:", ""] + [f"- `{c}`" for c in earlier] + [""]
+    out += [
         f"Each step searches a batch of {s['batch']} stored samples' moved vectors (their nearest other-class "
         f"sample, k = 1) and upserts them; the structure is rebuilt every `refresh` steps (last run: "
         f"{s['refresh_every']}); {s['cycles']} refresh cycles per row. Upserts go into the structure in place, or "
