@@ -196,6 +196,8 @@ def test_stream_records_every_step_and_a_rerun_keeps_finished_rows(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert rows[:2] == res["rows"] and len(rows) == 3 and rows[2]["params"]["rerank"] == 8
     assert rows[2]["exact_stored_dtype_ms"] is None  # a float32 store: exact-torch timed on it directly
+    assert rows[0]["command"] != rows[2]["command"] and "rerank=8" in rows[2]["command"]  # each row names its own
+    assert f"`{rows[0]['command']}`" in (tmp_path / "stream.md").read_text()  # kept rows' command stays in the report
     half = CliRunner().invoke(main, [*args[:5], "clusters", *args[6:], "--param", "store_dtype=float16"])
     assert half.exit_code == 0, half.output
     row = json.loads(out.read_text())["rows"][3]
