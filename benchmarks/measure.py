@@ -144,13 +144,3 @@ def _rss_mb(field: str) -> float | None:
 
 def current_rss_mb() -> float | None:
     return _rss_mb("VmRSS")
-
-
-def parse_value(s: str):
-    """A NAME=VALUE parameter's value: int, float, true/false, else the text."""
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(s.lower(), s)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from cli.options import INDEX_PARAM
+
 
 def _ints(name: str):
     def parse(ctx, param, value: str) -> tuple[int, ...]:
@@ -85,8 +87,8 @@ def bench_mining(ctx, ns, dim, classes, seed, batch, batches, warmup, device, me
               help="Data kinds, comma-separated: clusters, class-pure, trained:INDEX_DIR (embeddings of "
                    "`nil index build`).")
 @click.option("--kind", default="auto", show_default=True, help="Index kind; auto: the engine's default.")
-@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
-              help="Index parameter (nprobe, rerank, nlist, ...); repeatable.")
+@click.option("--param", "params", multiple=True, type=INDEX_PARAM,
+              help="Index parameter (nprobe, rerank, nlist, store_dtype, ...); repeatable.")
 @click.option("--refresh-every", default=200, show_default=True, help="Steps between rebuilds of the structure.")
 @click.option("--cycles", default=2.0, show_default=True, help="Refresh cycles streamed.")
 @click.option("--exact-every", default=2, show_default=True, help="Steps between exact searches (recall, exact ms).")
@@ -103,16 +105,10 @@ def bench_stream(ctx, ns, data, kind, params, refresh_every, cycles, exact_every
     Records per step the time (p50 and max, refresh included) and recall@1 against exact-torch on
     the same batches in the same run. Resumable: a rerun keeps the rows already written.
     """
-    from benchmarks.measure import parse_value
     from benchmarks.stream import StreamBench, run_stream, stream_markdown
     from faiss_index import IndexFormatError, IndexInputError
 
-    given = {}
-    for p in params:
-        name, sep, value = p.partition("=")
-        if not sep or not name:
-            raise click.BadParameter(f"{p!r} is not NAME=VALUE", param_hint="--param")
-        given[name] = parse_value(value)
+    given = dict(params)
     for d in _words(data) or ():
         if d not in ("clusters", "class-pure") and not d.startswith("trained:"):
             raise click.BadParameter(f"{d!r}: use clusters, class-pure or trained:INDEX_DIR", param_hint="--data")
@@ -186,7 +182,7 @@ def _invocation(ctx: click.Context) -> str:
                 parts.append(p.opts[0])
         elif p.multiple:  # repeatable: once per value, none when not given
             for v in value:
-                parts += [p.opts[0], shlex.quote(str(v))]
+                parts += [p.opts[0], shlex.quote(f"{v[0]}={v[1]}" if p.type is INDEX_PARAM else str(v))]
         else:
             text = ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
             parts += [p.opts[0], shlex.quote(text)]

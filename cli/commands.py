@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from cli.options import INDEX_PARAM
 from cli.tables import metrics_table
 from nil.config import (ANNS, DISTRACTORS, FORMATS, LOGS, LOSSES, METRICS, MODELS, NORMALIZES, ON_BAD_IMAGE, PRECISIONS,
                         SCHEDULES, SPLITS, VARIANTS, TrainConfig)
@@ -90,6 +91,8 @@ def _read_config_file(ctx: click.Context, param: click.Parameter, value: str | N
             raise click.BadParameter(f"{value}: unknown option {key!r}", param_hint="--config")
         if p.name == "csv_label_cols" and isinstance(v, list):
             v = ",".join(map(str, v))
+        if p.name == "ann_params" and isinstance(v, dict):  # a mapping, as a run's config.yaml writes it
+            v = list(v.items())
         defaults[p.name] = v
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
@@ -171,6 +174,9 @@ class ModelName(click.ParamType):
               help="--ann faiss: lists probed per query [default: the engine's for the kind]; more: higher recall, slower.")
 @click.option("--ann-rerank", default=None, type=click.IntRange(min=1),
               help="--ann faiss: candidates re-ranked exactly per query [default: 128 for ivfpq]; more: higher recall.")
+@click.option("--ann-param", "ann_params", multiple=True, type=INDEX_PARAM,
+              help="--ann exact|faiss: a further parameter of the memory's index, e.g. store_dtype=float16 "
+                   "(half the memory), nlist=4096 or inplace=false (see `nil index build`); repeatable.")
 @click.option("--audit-every", default=DEFAULT.audit_every, show_default=True, help="--ann faiss: steps between recall@1 audits of 32 queries against exact search, written to metrics.jsonl (0: off).")
 @click.option("--index-from", default=None, type=click.Path(), help="Start the memory from an index built by `nil index build`.")
 @click.option("--val-fraction", default=DEFAULT.val_fraction, show_default=True, help="Seeded split, for data without its own splits.")
@@ -229,6 +235,7 @@ def train(**kw):
     if kw["csv_label_cols"]:
         kw["csv_label_cols"] = [c.strip() for c in kw["csv_label_cols"].split(",") if c.strip()]
     kw["format"] = kw.pop("fmt")
+    kw["ann_params"] = dict(kw["ann_params"])
     result = run_train(TrainConfig(**kw))
     if not is_main():  # under torchrun, rank 0 alone reports
         return

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from cli.options import INDEX_PARAM
 from nil.config import FORMATS, SPLITS
 
 
@@ -24,8 +25,8 @@ def index():
               help="Index precomputed embeddings instead: a zarr group with vectors, labels, ids (and keys).")
 @click.option("--index", "kind", default="flat", show_default=True,
               help="Index kind: exact, flat, ivf, ivfpq, hnsw, cagra.")
-@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
-              help="Override an index parameter (nlist, nprobe, m, nbits, efSearch); repeatable.")
+@click.option("--param", "params", multiple=True, type=INDEX_PARAM,
+              help="Override an index parameter (nlist, nprobe, m, nbits, efSearch, rerank, store_dtype); repeatable.")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True)
@@ -40,26 +41,11 @@ def index_build(out, checkpoint, data, fmt, split, embeddings, kind, params, bat
 
     stats = build_index(out, checkpoint=checkpoint, data=data, embeddings=embeddings, kind=kind, split=split,
                         fmt=fmt, batch_size=batch_size, device=device, progress=progress,
-                        params=_parse_params(params))
+                        params=dict(params))
     if not is_main():  # under torchrun, rank 0 alone reports
         return
     click.echo(f"indexed {stats['count']} vectors of dimension {stats['dim']} ({stats['kind']}) into {out}")
 
-
-def _parse_params(pairs: tuple[str, ...]) -> dict:
-    params = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--param")
-        try:
-            params[name] = int(value)
-        except ValueError:
-            try:
-                params[name] = float(value)
-            except ValueError:
-                params[name] = value
-    return params
 
 
 @index.command("query")

@@ -30,7 +30,7 @@ from .errors import FaissUnavailableError, IndexFormatError, IndexInputError, In
 from .fileio import fsync_dir, sha256_file
 from .indexes.distributed import DistributedIndex, owned_share
 from .indexes.exact_index import ExactIndex
-from .indexes.factory import make_index
+from .indexes.factory import check_params, make_index
 from .indexes.faiss_index import FaissIndex
 from .kinds import KINDS, default_kind, resolve_kind
 from .persistence import (
@@ -52,7 +52,7 @@ from .streaming.store import VectorStore
 
 __all__ = [
     "IndexInputError", "IndexFormatError", "IndexWriteError", "FaissUnavailableError", "SearchResult", "VectorStore",
-    "knn_other_class", "ExactIndex", "FaissIndex", "make_index", "KINDS", "default_kind", "resolve_kind",
+    "knn_other_class", "ExactIndex", "FaissIndex", "make_index", "check_params", "KINDS", "default_kind", "resolve_kind",
     "save_index", "load_index", "index_stats", "verify_index", "DistributedIndex", "owned_share",
     "is_index_dir", "read_manifest", "staging_folder", "create_embeddings", "write_embedding_rows",
     "read_embedding_rows", "stored_keys", "keys_by_id", "sha256_file", "fsync_dir",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, get_args
 
 from nil.errors import NilError
@@ -34,7 +34,7 @@ NORMALIZES, LOGS = get_args(Normalize), get_args(Log)
 # nil-gradient lambda 0.3, margin 1.0; nil-fresh lambda 0.3, margin 1.4).
 DEFAULT_MARGIN = {"gradient": 1.0, "memory": 1.4}
 
-OPTION_OF_FIELD = {"lam": "lambda"}  # fields whose `nil train` option has another name
+OPTION_OF_FIELD = {"lam": "lambda", "ann_params": "ann_param"}  # fields whose `nil train` option has another name
 NOT_OPTIONS = ("evaluate_test",)  # set by library callers (the study), not by `nil train`
 
 
@@ -81,6 +81,7 @@ class TrainConfig:
     refresh_every: int = 200  # steps between rebuilds of the approximate structure
     ann_nprobe: int | None = None  # --ann faiss: lists probed per query (None: the engine's default for the kind)
     ann_rerank: int | None = None  # --ann faiss: candidates re-ranked exactly per query (None: the default, 128 for ivfpq)
+    ann_params: dict = field(default_factory=dict)  # more parameters of the memory's index (e.g. store_dtype, nlist)
     audit_every: int = 200  # --ann faiss: steps between recall@1 audits of 32 queries against exact search (0: never)
     index_from: str | None = None  # start the memory from an index folder built by `nil index build`
     # run
@@ -145,6 +146,14 @@ class TrainConfig:
             (self.ann_rerank is None or self.ann_rerank >= 1, "--ann-rerank must be at least 1"),
             ((self.ann_nprobe is None and self.ann_rerank is None) or self.ann == "faiss",
              "--ann-nprobe and --ann-rerank tune the FAISS search: they need --ann faiss"),
+            (isinstance(self.ann_params, dict), "--ann-param takes NAME=VALUE pairs"),
+            (not self.ann_params or self.ann != "none",
+             "--ann-param sets the distractor memory's index: it needs --ann exact or --ann faiss"),
+            (not self.ann_params or self.index_from is None,
+             "--ann-param configures a new memory and --index-from loads one with its own parameters: drop one"),
+            (not ({"nprobe", "rerank"} & set(self.ann_params or ()))
+             or (self.ann_nprobe is None and self.ann_rerank is None),
+             "give nprobe and rerank once: either --ann-nprobe/--ann-rerank or --ann-param"),
             (self.backbone_lr_scale > 0, "--backbone-lr-scale must be positive"),
             (0 <= self.freeze_stem_epochs < self.epochs, "--freeze-stem-epochs must lie in [0, --epochs)"),
             (not (self.pretrained and self.weights), "--pretrained and --weights both choose the starting weights; "
@@ -169,6 +178,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def index_params(self) -> dict:
+        """The parameters of the memory's index: ``--ann-param`` with ``--ann-nprobe`` and ``--ann-rerank``."""
+        given = (("nprobe", self.ann_nprobe), ("rerank", self.ann_rerank))
+        return {**self.ann_params, **{k: v for k, v in given if v is not None}}
 
     def to_options(self) -> dict:
         """The configuration as `nil train` options (long names without dashes in front), the content of

@@ -58,17 +58,17 @@ class DistractorMiner:
         audit_queries: int = 32,
         index=None,
         shard=None,
-        search_params: dict | None = None,
+        index_params: dict | None = None,
     ):
         self.ann, self.need_positive, self.audit_every = ann, need_positive, audit_every
         self.audit_queries = audit_queries  # the first rows of the (shuffled) batch: no random draw
         self.num_classes = num_classes
         self.index = index  # a prebuilt index (e.g. `nil train --index-from`), else made here
         if index is None and ann == "exact":
-            self.index = faiss_index.ExactIndex(dim, num_classes, device=device)
+            self.index = faiss_index.make_index("exact", dim, num_classes, device=device, **(index_params or {}))
         elif index is None and ann == "faiss":
             self.index = faiss_index.make_index(kind, dim, num_classes, device=device, refresh_every=refresh_every,
-                                                **(search_params or {}))
+                                                **(index_params or {}))
         # Several processes: `shard` (faiss_index.DistributedIndex) turns a local index into this
         # rank's shard of one index searched by all ranks; the memory and the batch are global.
         self.shard = shard

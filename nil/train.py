@@ -144,6 +144,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if not resume and ctx.is_main:
         warn_cross_split_duplicates(ds)
     image_size = cfg.image_size or ds.image_size or 224
+    if cfg.ann != "none" and not cfg.index_from:  # the memory's index parameters, before anything is written
+        faiss_index.check_params("exact" if cfg.ann == "exact" else faiss_index.resolve_kind(cfg.ann_index, str(device)),
+                                 cfg.index_params())
     out = Path(cfg.out)
     if resume:
         check_same_data(out, ds.split_record())
@@ -329,8 +332,7 @@ def make_source(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.de
     miner = DistractorMiner(cfg.ann, ds.num_classes, dim, device, kind=kind,
                             refresh_every=cfg.refresh_every, need_positive=cfg.variant == "triplet",
                             audit_every=cfg.audit_every, index=_start_index(cfg, ds, device),
-                            search_params={k: v for k, v in (("nprobe", cfg.ann_nprobe), ("rerank", cfg.ann_rerank))
-                                           if v is not None},
+                            index_params=cfg.index_params(),
                             shard=faiss_index.DistributedIndex if distributed.context().distributed else None)
     images = None
     if cfg.fresh_distractors or cfg.loss == "ce-replay":

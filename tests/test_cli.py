@@ -144,3 +144,12 @@ def test_config_file_and_resume_do_not_mix(tmp_path):
     cfg.write_text("epochs: 2\n")
     result = run(["train", "--config", str(cfg), "--resume", str(tmp_path / "r")])
     assert result.exit_code == 2 and "--config" in result.output
+
+
+@pytest.mark.parametrize("text, pair", [("nprobe=16", ("nprobe", 16)), ("store_dtype=float16", ("store_dtype", "float16")),
+                                        ("inplace=false", ("inplace", False)), (" nlist = 4096", ("nlist", 4096))])
+def test_index_parameters_are_typed_the_same_in_every_command(text, pair):
+    """`nil train --ann-param`, `nil index build --param` and `nil bench stream --param` share one parser."""
+    from cli.options import INDEX_PARAM
+
+    assert INDEX_PARAM.convert(text, None, None) == pair

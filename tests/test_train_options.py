@@ -166,6 +166,54 @@ def test_the_faiss_search_knobs_reach_the_index_and_need_ann_faiss(tiny_npz, tmp
         _cfg(tiny_npz, tmp_path, loss="nil", ann="exact", ann_rerank=7).validate()
 
 
+def test_ann_param_sets_the_memorys_index(tiny_npz, tmp_path):
+    """--ann-param store_dtype=float16 halves the exact memory; with faiss it reaches the index with the others."""
+    cfg = _cfg(tiny_npz, tmp_path, loss="nil", ann="exact", ann_params={"store_dtype": "float16"})
+    training = build_training(cfg, open_config_dataset(cfg), 16, torch.device("cpu"), total_steps=4)
+    assert training.source.miner.index.store.vectors.dtype == torch.float16
+    pytest.importorskip("faiss")
+    cfg = _cfg(tiny_npz, tmp_path, loss="nil", ann="faiss", ann_index="ivf", ann_nprobe=2,
+               ann_params={"store_dtype": "float16", "nlist": 4})
+    params = build_training(cfg, open_config_dataset(cfg), 16, torch.device("cpu"), total_steps=4).source.miner.index.params
+    assert (params["store_dtype"], params["nprobe"]) == ("float16", 2)
+    assert cfg.to_options()["ann-param"] == {"store_dtype": "float16", "nlist": 4}
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(ann="none", distractor="memory"), "needs --ann exact or --ann faiss"),
+    (dict(ann="faiss", ann_nprobe=4, ann_params={"nprobe": 8}), "give nprobe and rerank once"),
+    (dict(ann="exact", index_from="idx"), "drop one"),
+])
+def test_ann_param_is_refused_where_it_cannot_apply(tiny_npz, tmp_path, kw, message):
+    params = kw.pop("ann_params", {"store_dtype": "float16"})
+    with pytest.raises(NilError, match=message):
+        _cfg(tiny_npz, tmp_path, loss="nil", ann_params=params, **kw).validate()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ann", "exact", "--ann-param", "nlist=4"], "unknown parameter(s) nlist for kind 'exact'"),
+    (["--ann", "exact", "--ann-param", "store_dtype=int8"], "store_dtype must be one of float32, float16"),
+    (["--ann", "exact", "--ann-param", "store_dtype"], "'store_dtype' is not NAME=VALUE"),
+])
+def test_a_bad_ann_param_is_one_sentence_and_writes_no_run_folder(tiny_npz, tmp_path, args, message):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--data", str(tiny_npz), "--out", str(out), "--model", "small_cnn",
+                                       "--epochs", "1", "--device", "cpu", "--no-progress", *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_ann_param_reads_from_the_command_line_and_from_a_config_mapping(tiny_npz, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr("nil.train.train", lambda cfg, **kw: seen.append(cfg) or (_ for _ in ()).throw(SystemExit(0)))
+    base = ["train", "--data", str(tiny_npz), "--out", str(tmp_path / "run"), "--ann", "exact"]
+    CliRunner().invoke(main, [*base, "--ann-param", "store_dtype=float16", "--ann-param", "chunk=512"])
+    config = tmp_path / "run.yaml"
+    config.write_text("ann-param:\n  store_dtype: float16\n  chunk: 512\n")
+    CliRunner().invoke(main, [*base, "--config", str(config)])
+    assert [c.ann_params for c in seen] == [{"store_dtype": "float16", "chunk": 512}] * 2
+
+
 def test_the_defaults_are_the_studys_validation_choice_and_a_memory_keeps_its_own():
     """No options: the gradient distractor, lambda 0.3, margin 1.0 (nil-gradient's frozen choice in
     benchmarks/results/study-choice.json). Asking for a memory gives nil-fresh's margin 1.4."""
