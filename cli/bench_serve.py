@@ -98,3 +98,65 @@ def bench_serve(ctx, n, dim, classes, kind, seed, formats, requests, clients, ba
     run_serve_bench(cfg, command=_invocation(ctx))
     click.echo(Path(out).with_suffix(".md").read_text())
     click.echo(f"wrote {out} and {Path(out).with_suffix('.md')}")
+
+
+def _choices(allowed_name: str):
+    def parse(ctx, param, value: str) -> tuple[str, ...]:
+        import benchmarks.alternatives as alt
+
+        allowed = getattr(alt, allowed_name)
+        out = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+        wrong = [v for v in out if v not in allowed]
+        if wrong or not out:
+            raise click.BadParameter(f"{value!r}: give one or more of {', '.join(allowed)}, comma-separated.")
+        return out
+    return parse
+
+
+@bench.command("alternatives")
+@click.option("--n", default=100_000, show_default=True, type=click.IntRange(1), help="Stored vectors.")
+@click.option("--data", default="serve,clusters,class-pure", show_default=True, callback=_choices("DATA"),
+              help="serve: the service benchmark's index and requests; clusters, class-pure: the stream "
+                   "benchmark's sets, each query keeping its own label.")
+@click.option("--methods", default=",".join(("nil", "exact-torch", "faiss-ivfflat-selector", "usearch-postfilter",
+                                            "usearch-per-class", "hnswlib-filter")),
+              show_default=True, callback=_choices("METHODS"),
+              help="usearch-* and hnswlib-filter need `pip install 'nil[alternatives]'`.")
+@click.option("--requests", default=200, show_default=True, type=click.IntRange(1), help="Timed requests per method.")
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(1), help="Queries per request.")
+@click.option("--k", default=5, show_default=True, type=click.IntRange(1), help="Neighbours per query.")
+@click.option("--oversample", default=256, show_default=True, type=click.IntRange(1),
+              help="usearch-postfilter: neighbours fetched before the label filter.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1), help="Threads of every library.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", default="benchmarks/results/alternatives.json", show_default=True, type=click.Path(),
+              help="Result JSON; the .md is written beside it. Rows already in it are kept.")
+@click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+@click.pass_context
+def bench_alternatives(ctx, n, data, methods, requests, batch, k, oversample, threads, seed, out, progress):
+    """The service's query, "k nearest samples of another class", answered by what a user might pick
+    instead of nil: faiss with an ID selector per label, usearch (post-filter or one index per
+    class), hnswlib with its filter callback; beside nil's engine and exact search, in one process,
+    on the same requests. Build time, search ms per request (p50, p99), recall@1 and recall@k.
+    """
+    from benchmarks.alternatives import LIBRARY, AltBench, run_alternatives
+
+    missing = sorted({LIBRARY[m] for m in methods if LIBRARY[m] in ("usearch", "hnswlib")}
+                     - {lib for lib in ("usearch", "hnswlib") if _importable(lib)})
+    if missing:
+        raise click.UsageError(f"{', '.join(missing)} not installed: pip install 'nil[alternatives]', or leave "
+                               f"their methods out of --methods")
+    if batch * requests > 10 * n:
+        raise click.BadParameter(f"{batch * requests:,} queries against {n:,} stored vectors: lower --requests",
+                                 param_hint="--requests")
+    cfg = AltBench(n=n, data=data, methods=methods, requests=requests, batch=batch, k=k, oversample=oversample,
+                   threads=threads, seed=seed, out=out, progress=progress)
+    run_alternatives(cfg, command=_invocation(ctx))
+    click.echo(Path(out).with_suffix(".md").read_text())
+    click.echo(f"wrote {out} and {Path(out).with_suffix('.md')}")
+
+
+def _importable(name: str) -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(name) is not None
