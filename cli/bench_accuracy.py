@@ -94,9 +94,10 @@ def bench_accuracy(datasets, models, arms, seeds, epochs, precision, batch_size,
 @click.argument("stage", type=click.Choice(["tune", "final", "report"]))
 @click.option("--datasets", default="retinamnist,breastmnist", show_default=True, help="Comma-separated.")
 @click.option("--models", default="small_cnn,resnet18", show_default=True, help="final: comma-separated models.")
-@click.option("--arms", default="ce,ce-matched,nil-fresh,nil-stored,nil-gradient", show_default=True,
+@click.option("--arms", default="ce,ce-matched,nil-fresh,nil-stored,nil-gradient,nil-balanced", show_default=True,
               help="Comma-separated arms (ce, ce-matched = CE with replayed distractor images, nil-fresh, nil-stored, "
-                   "nil-gradient = the feature-gradient distractor).")
+                   "nil-gradient = the feature-gradient distractor, nil-balanced = nil-gradient with the term "
+                   "weighted by inverse class frequency).")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="final: comma-separated seeds.")
 @click.option("--tune-seeds", default="100", show_default=True, help="tune: seeds (keep them apart from --seeds).")
 @click.option("--tune-models", default="small_cnn", show_default=True, help="tune: models the grids run on.")

@@ -10,7 +10,7 @@ import click
 from cli.options import INDEX_PARAM
 from cli.tables import metrics_table
 from nil.config import (ANNS, DISTRACTORS, FORMATS, LOGS, LOSSES, METRICS, MODELS, NORMALIZES, ON_BAD_IMAGE, PRECISIONS,
-                        SCHEDULES, SPLITS, VARIANTS, TrainConfig)
+                        SCHEDULES, SPLITS, TERM_WEIGHTINGS, VARIANTS, TrainConfig)
 
 DEFAULT = TrainConfig()  # `nil train`'s defaults live in one place: the config
 
@@ -154,6 +154,10 @@ class ModelName(click.ParamType):
                    "memory: the study's validation choices].")
 @click.option("--variant", default=DEFAULT.variant, show_default=True, type=click.Choice(VARIANTS))
 @click.option("--warmup-epochs", default=DEFAULT.warmup_epochs, show_default=True, help="Epochs of CE only before the distractor term.")
+@click.option("--term-weighting", default=DEFAULT.term_weighting, show_default=True, type=click.Choice(TERM_WEIGHTINGS),
+              help="balanced: weight each sample's distractor term by N / (C x n_class) of its class in the training "
+                   "split, so a rare class (malignant, the top grade) pushes away from its distractors as hard as a "
+                   "common one.")
 @click.option("--distractor", default="auto", show_default=True, type=click.Choice(DISTRACTORS),
               help="memory: nearest stored other-class sample (searched per --ann); gradient: feature-space distractor "
                    "from the neurons (the study's validation choice); auto: memory when --ann exact|faiss, "

@@ -23,11 +23,12 @@ Precision = Literal["auto", "fp32", "bf16"]
 Split = Literal["train", "val", "test"]
 Normalize = Literal["auto", "data", "imagenet", "half"]
 Log = Literal["csv", "tensorboard", "none"]
+TermWeighting = Literal["none", "balanced"]
 
 MODELS, FORMATS, ON_BAD_IMAGE, SCHEDULES = get_args(Model), get_args(Format), get_args(OnBadImage), get_args(Schedule)
 LOSSES, VARIANTS, DISTRACTORS, ANNS = get_args(Loss), get_args(Variant), get_args(Distractor), get_args(Ann)
 METRICS, PRECISIONS, SPLITS = get_args(Metric), get_args(Precision), get_args(Split)
-NORMALIZES, LOGS = get_args(Normalize), get_args(Log)
+NORMALIZES, LOGS, TERM_WEIGHTINGS = get_args(Normalize), get_args(Log), get_args(TermWeighting)
 
 
 # The margin each distractor source was chosen with on validation (benchmarks/results/study-choice.json:
@@ -72,6 +73,7 @@ class TrainConfig:
     margin: float | None = None  # distance below which a distractor is pushed away (unit sphere: distances in [0, 2]); None: DEFAULT_MARGIN of the source
     variant: Variant = "margin"  # margin | triplet
     warmup_epochs: int = 0  # epochs of CE only before the distractor term starts
+    term_weighting: TermWeighting = "none"  # balanced: each sample's term x N / (C * n_class) of its training class
     distractor: Distractor = "auto"  # memory: nearest stored other-class sample; gradient: from the neurons; auto: memory when something needs one (--ann exact|faiss, ce-replay, triplet, --index-from), else gradient
     gradient_step: float = 0.5  # --distractor gradient: step along the confusing class's gradient, x ||f||
     fresh_distractors: bool = True  # re-embed each mined distractor image with the current network (stored: collapses)
@@ -138,6 +140,8 @@ class TrainConfig:
             (self.index_from is None or self.distractor == "memory",
              "--index-from starts a distractor memory and needs --distractor memory"),
             (self.warmup_epochs >= 0, "--warmup-epochs must be non-negative"),
+            (self.term_weighting == "none" or self.loss == "nil",
+             "--term-weighting weights the distractor term: it needs --loss nil"),
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
              and self.val_fraction + self.test_fraction < 1, "split fractions must lie in [0, 1) and sum below 1"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device must be auto, cpu or cuda"),

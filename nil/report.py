@@ -139,7 +139,8 @@ def method_settings(config: dict) -> dict:
                                        else "stored in the memory (up to an epoch old)"),
                 "warmup_epochs": config.get("warmup_epochs")}
     if loss == "nil":
-        out |= {"lam": config.get("lam"), "margin": config.get("margin"), "variant": config.get("variant")}
+        out |= {"lam": config.get("lam"), "margin": config.get("margin"), "variant": config.get("variant"),
+                "term_weighting": config.get("term_weighting", "none")}
     if loss == "ce-replay":
         out["lam (weight of the replayed images' CE)"] = config.get("lam")
     return {k: v for k, v in out.items() if v is not None}

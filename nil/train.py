@@ -36,7 +36,7 @@ from nil.data.transforms import data_statistics
 from nil.data.base import Dataset
 from nil.data.screen import screen_images
 from nil.errors import NilError
-from nil.losses import DistractorLoss
+from nil.losses import DistractorLoss, balanced_class_weights
 from nil.loaders import make_loader
 from nil.metrics import classification_metrics, summary
 from nil.batchnorm import batch_statistics
@@ -261,8 +261,10 @@ def build_training(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch
     groups = parameter_groups(model, cfg.lr, cfg.backbone_lr_scale)
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
     frozen_steps = cfg.freeze_stem_epochs * total_steps // cfg.epochs
+    class_weight = (balanced_class_weights(ds.train.labels, ds.num_classes)
+                    if cfg.term_weighting == "balanced" else None)
     return Training(model, trainee, optimizer, make_scheduler(optimizer, cfg.schedule, total_steps, frozen_steps),
-                    DistractorLoss(cfg.margin, cfg.variant),
+                    DistractorLoss(cfg.margin, cfg.variant, class_weight).to(device),
                     make_source(cfg, ds, image_size, device, kind, feature_dim=model.classifier.in_features,
                                 normalize=normalize))
 
@@ -353,7 +355,7 @@ def step_loss(step: Step, y: torch.Tensor, criterion: DistractorLoss, cfg: Train
     second = z.sum() * 0.0
     if cfg.loss == "nil" and step.pairs is not None:
         p = step.pairs
-        second = criterion(z, p.distractor, p.valid, p.positive, p.positive_valid)
+        second = criterion(z, p.distractor, p.valid, p.positive, p.positive_valid, labels=y)
     elif step.replay is not None:
         second = second + F.cross_entropy(step.replay.logits.float(), step.replay_labels)
     return ce + cfg.lam * second, ce, second

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nil.losses import DistractorLoss
+from nil.losses import DistractorLoss, balanced_class_weights
 
 
 def test_margin_loss_matches_hand_computation():
@@ -14,6 +14,30 @@ def test_margin_loss_matches_hand_computation():
     expected = (1.0 - math.sqrt(0.4)) ** 2 / 2
     loss = DistractorLoss(margin=1.0)(z, d, valid)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_balanced_class_weights_are_inverse_frequency_with_mean_one_per_sample():
+    labels = torch.tensor([0, 0, 0, 1])  # class 2 has no sample: weight 1, nothing to rebalance
+    w = balanced_class_weights(labels, 3)
+    assert w.tolist() == pytest.approx([4 / 9, 4 / 3, 1.0])
+    assert w[labels].mean().item() == pytest.approx(4 / 9 * 3 / 4 + 4 / 3 / 4)
+
+
+def test_class_weights_scale_each_samples_term_and_the_count_divides():
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    d = torch.tensor([[0.8, 0.6], [0.8, 0.6], [0.0, 0.9]])
+    valid, labels = torch.tensor([True, True, True]), torch.tensor([0, 0, 1])
+    plain = DistractorLoss(margin=1.0)(z, d, valid)
+    terms = torch.tensor([(1.0 - math.sqrt(0.4)) ** 2] * 2 + [0.9 ** 2])
+    assert plain.item() == pytest.approx(terms.mean().item(), rel=1e-5)
+    weighted = DistractorLoss(margin=1.0, class_weight=torch.tensor([0.5, 2.0]))
+    loss = weighted(z, d, valid, labels=labels)
+    assert loss.item() == pytest.approx(((terms * torch.tensor([0.5, 0.5, 2.0])).sum() / 3).item(), rel=1e-5)
+    plain_grad = torch.autograd.grad(plain, z)[0]
+    loss.backward()
+    assert z.grad == pytest.approx(plain_grad * torch.tensor([[0.5], [0.5], [2.0]]), rel=1e-5)  # each row x its weight
+    with pytest.raises(ValueError, match="needs the batch's labels"):
+        weighted(z, d, valid)
 
 
 def test_margin_loss_gradient_pushes_away_from_distractor():

@@ -214,6 +214,21 @@ def test_ann_param_reads_from_the_command_line_and_from_a_config_mapping(tiny_np
     assert [c.ann_params for c in seen] == [{"store_dtype": "float16", "chunk": 512}] * 2
 
 
+def test_balanced_term_weighting_uses_the_training_splits_class_frequencies(tiny_npz, tmp_path):
+    cfg = _cfg(tiny_npz, tmp_path, loss="nil", distractor="gradient", term_weighting="balanced", epochs=1)
+    ds = open_config_dataset(cfg)
+    training = build_training(cfg, ds, 16, torch.device("cpu"), total_steps=3)
+    counts = np.bincount(ds.train.labels, minlength=ds.num_classes)
+    expected = counts.sum() / (ds.num_classes * counts)
+    assert training.criterion.class_weight.numpy() == pytest.approx(expected, rel=1e-6)
+    assert _cfg(tiny_npz, tmp_path, loss="nil").term_weighting == "none"
+    result = train(cfg)  # trains end to end, and config.json records the setting
+    assert result["test"]["accuracy"] is not None
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["term_weighting"] == "balanced"
+    with pytest.raises(NilError, match="needs --loss nil"):
+        _cfg(tiny_npz, tmp_path, loss="ce", term_weighting="balanced").validate()
+
+
 def test_the_defaults_are_the_studys_validation_choice_and_a_memory_keeps_its_own():
     """No options: the gradient distractor, lambda 0.3, margin 1.0 (nil-gradient's frozen choice in
     benchmarks/results/study-choice.json). Asking for a memory gives nil-fresh's margin 1.4."""
