@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from faiss_index import knn_other_class, make_index  # noqa: E402
 from faiss_index.synthetic import clustered  # noqa: E402
-from cli.options import parse_value  # noqa: E402
+from faiss_index.kinds import parse_value  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import click
 
-
-def parse_value(text: str):
-    """A NAME=VALUE parameter's value: int, float, true/false, else the text itself."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+from faiss_index.kinds import parse_value
 
 
 class IndexParam(click.ParamType):

@@ -30,6 +30,16 @@ MIN_POINTS_PER_LIST = 8
 MAX_SHARDED_CLASSES = 32
 
 
+def parse_value(text: str):
+    """A NAME=VALUE index parameter's value from text: int, float, true/false, else the text itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def default_kind(device: str = "cpu") -> str:
     """The kind measured best for a device: "ivfpq" (fast-scan + exact re-rank) on CPU, "exact" on CUDA.
 
