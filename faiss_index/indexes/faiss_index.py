@@ -14,10 +14,8 @@ Candidates from both are re-ranked with the freshest stored vectors, so a stale 
 recall, never correctness. Every ``refresh_every`` upserts (or on :meth:`refresh` / :meth:`build`)
 the structure is rebuilt from the store (new centroids, no dead entries). The CPU IVF engine
 rebuilds in a background thread, so no training step waits for it: searches use the current
-structure until the new one is swapped in, ``refresh_every // 2`` upserts later. The rows written in
-between are handed to the same thread, which writes them into the new structure in place once it is
-built (in upsert order), so at the swap nothing is left to search exactly; without in-place updates
-they go to the delta instead.
+structure until the new one is swapped in, ``refresh_every // 2`` upserts later; the rows written
+in between sit in the delta and are moved into the new structure over the next few upserts.
 
 Engines without in-place updates never change between refreshes, which sidesteps what GPU
 faiss indexes cannot do (no ``remove_ids``, no ``add_with_ids`` on GpuIndexFlat).
@@ -28,7 +26,7 @@ import copy
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +146,7 @@ class FaissIndex(BaseIndex):
             self._write(rows)
         if self._job is not None:
             s = self.store
-            if self._job.catch_up:
-                self._job.put(rows, s.vectors[rows], s.labels[rows])
-            else:
-                self._job.since.write(rows, s.vectors[rows], s.labels[rows], s.ids[rows])
+            self._job.since.write(rows, s.vectors[rows], s.labels[rows], s.ids[rows])
         self._steps += 1
         if self._job is not None and self._steps >= self._job.swap_at:
             self._finish_rebuild()
@@ -184,16 +179,14 @@ class FaissIndex(BaseIndex):
         """Rebuild a copy of the engine in a thread from the store as it is now; searches go on with
         the current structure. The copy is swapped in ``refresh_every // 2`` upserts later (waiting
         for it only if it is not done by then), at the same step whatever the timing, so a seeded
-        run stays reproducible. Rows written meanwhile: with in-place updates the thread writes
-        them into the copy once it is built, in upsert order, and the swap waits until every one is
-        written (the same updates in the same order whatever the timing, and no exact delta to
-        search after the swap); otherwise they go to the exact delta at the swap."""
+        run stays reproducible. Rows written meanwhile go to the exact delta at the swap (and from
+        there, with in-place updates, into the new structure over the next upserts)."""
         self._finish_rebuild()
         n = len(self.store)
         engine = copy.copy(self.engine)
         prepared = engine.prepare(self.store.vectors[:n], self.store.labels[:n], self._changed())
         job = _Rebuild(engine=engine, since=DeltaBuffer(self.dim, self.device),
-                       swap_at=max(1, self.refresh_every // 2), catch_up=self.inplace)
+                       swap_at=max(1, self.refresh_every // 2))
         follow_torch_threads(self._faiss)
         # not a daemon: the interpreter's exit waits for it (a daemon thread still inside faiss / OpenMP
         # when the process ends aborts it with "terminate called without an active exception")
@@ -207,15 +200,11 @@ class FaissIndex(BaseIndex):
         job, self._job = self._job, None
         if job is None:
             return
-        job.close()
+        job.thread.join()
         if job.error is not None:
             raise job.error
         self.engine = job.engine
         self.delta = job.since
-        if job.unplaced:  # rows of a class the new structure has no lists for: searched exactly
-            rows = torch.cat(job.unplaced).to(self.device).unique()
-            s = self.store
-            self.delta.write(rows, s.vectors[rows], s.labels[rows], s.ids[rows])
         self.last_refresh_s = job.seconds
         self._update_params()
         LOG.debug("swapped in the %s structure rebuilt in the background in %.3f s", self.kind, job.seconds)
@@ -319,60 +308,21 @@ class FaissIndex(BaseIndex):
                 f"delta={len(self.delta)})")
 
 
-_main = threading.main_thread()
-
-
 @dataclass
 class _Rebuild:
-    """A structure being rebuilt in a thread: the engine copy and the rows written since it started.
-
-    With ``catch_up`` the rows written meanwhile are queued (:meth:`put`) and the thread writes them
-    into the copy in place once it is built, in the order they came; :meth:`close` lets it finish
-    the queue and joins it. Otherwise they are kept in ``since`` for the exact delta.
-    """
+    """A structure being rebuilt in a thread: the engine copy, the rows written since it started."""
 
     engine: Any
     since: DeltaBuffer
     swap_at: int
-    catch_up: bool = False
     thread: threading.Thread | None = None
     error: BaseException | None = None
     seconds: float = 0.0
-    unplaced: list = field(default_factory=list)
-    _queue: list = field(default_factory=list)
-    _closing: bool = False
-    _wake: threading.Condition = field(default_factory=threading.Condition)
-
-    def put(self, rows: torch.Tensor, vectors: torch.Tensor, labels: torch.Tensor) -> None:
-        """Queue rows just written (fresh copies: the store may change them again before they are used)."""
-        with self._wake:
-            self._queue.append((rows.clone(), vectors.clone(), labels.clone()))
-            self._wake.notify()
-
-    def close(self) -> None:
-        """Let the thread write what is queued, then wait for it."""
-        with self._wake:
-            self._closing = True
-            self._wake.notify()
-        self.thread.join()
 
     def run(self, prepared: dict) -> None:
         t0 = time.perf_counter()
         try:
             self.engine.build_prepared(prepared)
-            self.seconds = time.perf_counter() - t0
-            while self.catch_up:
-                with self._wake:
-                    # the interpreter's exit joins this thread after the main thread stops: end then
-                    self._wake.wait_for(lambda: self._queue or self._closing or not _main.is_alive(), 0.1)
-                    batches, self._queue = self._queue, []
-                    last = self._closing or not _main.is_alive()
-                for rows, vectors, labels in batches:
-                    left = self.engine.update(rows, vectors, labels)
-                    if left.numel():
-                        self.unplaced.append(left)
-                if last:
-                    break
         except BaseException as e:  # re-raised in the training thread at the swap
             self.error = e
-            self.seconds = time.perf_counter() - t0
+        self.seconds = time.perf_counter() - t0
