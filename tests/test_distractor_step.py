@@ -3,7 +3,7 @@
 Design under test (nil.batchnorm, nil.mining): within a step the training batch's forward pass is
 ordinary training BatchNorm; every other pass of the step (distractor images, the gradient
 distractor's moved features) is normalised with that batch's statistics and leaves the running
-statistics alone.
+statistics alone; where that pass needs a gradient, the gradient flows through the batch's statistics.
 """
 
 import json
@@ -103,6 +103,51 @@ def test_a_distractor_image_is_embedded_as_a_member_of_the_batch(setup):
     alone = build_model("small_cnn", 3, 3, 16, 8)
     alone.load_state_dict(model.state_dict())
     assert not torch.allclose(alone.train()(x[where][:3]).z, step.out.z[where][:3], atol=1e-3)
+
+
+@pytest.mark.parametrize("norm", [torch.nn.BatchNorm1d, torch.nn.BatchNorm2d])
+def test_a_later_pass_is_blind_to_what_the_batch_normalisation_removes(norm):
+    """A loss on a distractor pass has no gradient along a per-channel shift of the layer before it.
+
+    The batch's own loss cannot see such a shift (its normalisation removes it); a distractor pass
+    normalised with constant statistics could, and Adam would then push the weights along it every
+    step (hard-example replay trained to the majority-class rate that way)."""
+    torch.manual_seed(0)
+    two_d = norm is torch.nn.BatchNorm2d
+    layer = torch.nn.Conv2d(3, 4, 3) if two_d else torch.nn.Linear(5, 4)
+    model = torch.nn.Sequential(layer, norm(4)).train()
+    shape = (lambda n: (n, 3, 6, 6)) if two_d else (lambda n: (n, 5))
+    batch, later = torch.randn(shape(8)), torch.randn(shape(3)) + 0.5
+    with batch_statistics(model):
+        out = model(batch)
+        stats = (model[1].running_mean.clone(), model[1].running_var.clone())
+        again = model(later)
+    assert torch.equal(model[1].running_mean, stats[0]) and torch.equal(model[1].running_var, stats[1])
+    dims = [0, 2, 3] if two_d else [0]
+    pre = layer(batch).detach()
+    expect = torch.nn.functional.batch_norm(layer(later).detach(), pre.mean(dims), pre.var(dims, unbiased=False),
+                                            model[1].weight.detach(), model[1].bias.detach(), False, 0.0, 1e-5)
+    assert torch.allclose(again, expect, atol=1e-5)  # normalised with the batch's statistics
+    (again * torch.randn_like(again)).sum().backward()
+    assert layer.bias.grad.abs().max() < 1e-5  # a per-channel shift moves the batch mean with it
+    scale = (layer.weight.grad * layer.weight).sum() + (layer.bias.grad * layer.bias).sum()
+    size = layer.weight.grad.norm() * layer.weight.norm()
+    assert abs(float(scale)) < 1e-2 * float(size)  # and so does a scale (the batch variance; eps aside)
+    assert layer.weight.grad.abs().max() > 1e-3  # while the pass still trains the layer
+    del out
+
+
+def test_a_later_pass_without_gradient_uses_the_batch_statistics_as_before(setup):
+    """The gradient distractor's moved features (no gradient) get the same numbers as ever."""
+    ds, model, images, x, y, ids = setup
+    with batch_statistics(model):
+        out = model(x)
+        with torch.no_grad():
+            moved = model.heads(out.features.detach() * 1.1).z
+    with batch_statistics(model):
+        out = model(x)
+        live = model.heads(out.features.detach() * 1.1).z
+    assert torch.allclose(moved, live.detach(), atol=1e-5)
 
 
 def _one_step(model, source, cfg, x, y, ids):
