@@ -32,7 +32,8 @@ NORMALIZES, LOGS, TERM_WEIGHTINGS = get_args(Normalize), get_args(Log), get_args
 
 
 # The margin each distractor source was chosen with on validation (benchmarks/results/study-choice.json:
-# nil-gradient lambda 0.3, margin 1.0; nil-fresh lambda 0.3, margin 1.4).
+# nil-gradient lambda 0.3, margin 1.0; the memory arm nil-stored lambda 0.3, margin 1.4, as nil-fresh
+# chose before its tuning was superseded by the BatchNorm fix of 0bc7139).
 DEFAULT_MARGIN = {"gradient": 1.0, "memory": 1.4}
 
 OPTION_OF_FIELD = {"lam": "lambda", "ann_params": "ann_param"}  # fields whose `nil train` option has another name
@@ -101,7 +102,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Resolve the automatic choices, so config.json records what the run does. The defaults are the
         study's validation choice (benchmarks/results/study.md): the gradient distractor, lambda 0.3,
-        margin 1.0; asking for a memory (``--ann exact|faiss``) gives the fresh-memory arm's margin 1.4."""
+        margin 1.0; asking for a memory (``--ann exact|faiss``) gives the memory arms' margin 1.4."""
         if self.distractor == "auto":
             needs_memory = (self.ann != "none" or self.loss == "ce-replay" or self.variant == "triplet"
                             or self.index_from is not None)
