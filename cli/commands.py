@@ -150,8 +150,8 @@ class ModelName(click.ParamType):
                    "the batch's mined distractor images (hard-example replay: the compute-matched control of nil).")
 @click.option("--lambda", "lam", default=DEFAULT.lam, show_default=True, help="Weight of the distractor term (ce-replay: of the replayed images' CE).")
 @click.option("--margin", default=None, type=float,
-              help="Push distractors at least this far away [default: 1.0 with --distractor gradient, 1.4 with a "
-                   "memory: the study's validation choices].")
+              help="Push distractors at least this far away [default: 1.0; 1.4 with --stored-distractors: the "
+                   "study's validation choices].")
 @click.option("--variant", default=DEFAULT.variant, show_default=True, type=click.Choice(VARIANTS))
 @click.option("--warmup-epochs", default=DEFAULT.warmup_epochs, show_default=True, help="Epochs of CE only before the distractor term.")
 @click.option("--term-weighting", default=DEFAULT.term_weighting, show_default=True, type=click.Choice(TERM_WEIGHTINGS),

@@ -31,10 +31,10 @@ METRICS, PRECISIONS, SPLITS = get_args(Metric), get_args(Precision), get_args(Sp
 NORMALIZES, LOGS, TERM_WEIGHTINGS = get_args(Normalize), get_args(Log), get_args(TermWeighting)
 
 
-# The margin each distractor source was chosen with on validation (benchmarks/results/study-choice.json:
-# nil-gradient lambda 0.3, margin 1.0; the memory arm nil-stored lambda 0.3, margin 1.4, as nil-fresh
-# chose before its tuning was superseded by the BatchNorm fix of 0bc7139).
-DEFAULT_MARGIN = {"gradient": 1.0, "memory": 1.4}
+# The margin each distractor source was chosen with on validation (benchmarks/results/study-choice.json,
+# all at lambda 0.3): nil-gradient 1.0; nil-fresh (a memory names the distractor, re-embedded) 1.0, re-tuned
+# after the BatchNorm fix of 0bc7139; nil-stored (the stored vector) 1.4.
+DEFAULT_MARGIN = {"gradient": 1.0, "fresh": 1.0, "stored": 1.4}
 
 OPTION_OF_FIELD = {"lam": "lambda", "ann_params": "ann_param"}  # fields whose `nil train` option has another name
 NOT_OPTIONS = ("evaluate_test",)  # set by library callers (the study), not by `nil train`
@@ -102,13 +102,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Resolve the automatic choices, so config.json records what the run does. The defaults are the
         study's validation choice (benchmarks/results/study.md): the gradient distractor, lambda 0.3,
-        margin 1.0; asking for a memory (``--ann exact|faiss``) gives the memory arms' margin 1.4."""
+        margin 1.0; asking for a memory (``--ann exact|faiss``) gives nil-fresh's margin 1.0, and
+        ``--stored-distractors`` nil-stored's 1.4."""
         if self.distractor == "auto":
             needs_memory = (self.ann != "none" or self.loss == "ce-replay" or self.variant == "triplet"
                             or self.index_from is not None)
             self.distractor = "memory" if needs_memory else "gradient"
         if self.margin is None:
-            self.margin = DEFAULT_MARGIN.get(self.distractor, DEFAULT_MARGIN["memory"])
+            source = "gradient" if self.distractor == "gradient" else "fresh" if self.fresh_distractors else "stored"
+            self.margin = DEFAULT_MARGIN[source]
 
     def validate(self) -> None:
         """Refuse inconsistent options with one clear sentence."""

@@ -231,7 +231,8 @@ def test_balanced_term_weighting_uses_the_training_splits_class_frequencies(tiny
 
 def test_the_defaults_are_the_studys_validation_choice_and_a_memory_keeps_its_own():
     """No options: the gradient distractor, lambda 0.3, margin 1.0 (nil-gradient's frozen choice in
-    benchmarks/results/study-choice.json). Asking for a memory gives nil-stored's margin 1.4."""
+    benchmarks/results/study-choice.json). Asking for a memory gives nil-fresh's choice (the memory
+    names the distractor, the current network embeds it), and stored distractors nil-stored's."""
     choice = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "study-choice.json").read_text())
     cfg = TrainConfig(data="d.npz", out="o")
     assert (cfg.loss, cfg.distractor, cfg.ann) == ("nil", "gradient", "none")
@@ -239,7 +240,9 @@ def test_the_defaults_are_the_studys_validation_choice_and_a_memory_keeps_its_ow
     for memory in (dict(ann="faiss"), dict(ann="exact"), dict(variant="triplet"), dict(loss="ce-replay"),
                    dict(ann="none", distractor="memory")):
         cfg = TrainConfig(data="d.npz", out="o", **memory)
-        assert cfg.distractor == "memory" and cfg.margin == choice["nil-stored"]["params"]["margin"]
+        assert cfg.distractor == "memory" and cfg.margin == choice["nil-fresh"]["params"]["margin"]
+        cfg = TrainConfig(data="d.npz", out="o", fresh_distractors=False, **memory)
+        assert cfg.margin == choice["nil-stored"]["params"]["margin"]
     assert TrainConfig(ann="faiss", margin=0.7).margin == 0.7  # a given margin is kept
     with pytest.raises(NilError, match="--distractor gradient builds each distractor from the network"):
         TrainConfig(data="d.npz", out="o", distractor="gradient", ann="faiss").validate()
