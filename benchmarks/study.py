@@ -65,6 +65,12 @@ ARMS = {
     # other arms' final runs, so tuned on validation with the same budget before any test figure of it
     "nil-balanced": dict(loss="nil", ann="none", distractor="gradient", fresh_distractors=False,
                          term_weighting="balanced"),
+    # hard-example replay and the distractor term together (--replay): the mined distractor images get
+    # ce-matched's CE at its chosen weight 0.1 and the term measures their fresh embeddings; one extra
+    # pass, the compute of ce-matched and nil-fresh. Separates "the term adds to replay" from "replay
+    # helps". Added after every other arm's final runs (2026-12-07), tuned on validation with the same
+    # budget (lambda x lr; margin 1.0 from nil-fresh's choice) before any test figure of it
+    "nil-replay": dict(loss="nil", ann="exact", fresh_distractors=True, distractor="memory", replay=0.1),
 }
 GRID = {
     "ce": {"lr": [5e-4, 1e-3, 2e-3], "weight_decay": [1e-4, 1e-3]},
@@ -77,6 +83,9 @@ GRID = {
     "nil-stored": {"lam": [0.3, 1.0, 3.0], "margin": [1.0, 1.4]},
     "nil-gradient": {"lam": [0.3, 1.0, 3.0], "margin": [1.0, 1.4]},
     "nil-balanced": {"lam": [0.3, 1.0, 3.0], "margin": [1.0, 1.4]},
+    # lambda 0.3 won every other distractor arm's grid, larger always lost: explore below it, and both
+    # learning rates chosen so far (ce-matched 5e-4, the others 1e-3)
+    "nil-replay": {"lam": [0.1, 0.3, 1.0], "lr": [5e-4, 1e-3]},
 }
 REPORTED = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "qwk")
 # two-sided 95% Student t quantiles by degrees of freedom
@@ -133,7 +142,7 @@ def run_config(study: Study, dataset: str, model: str, arm: str, seed: int, para
 
 RETIRED_FIELDS = {"extra": {}}  # TrainConfig fields removed after runs were written, with the value they had
 ADDED_FIELDS = {"pretrained": False, "normalize": "half", "backbone_lr_scale": 1.0, "freeze_stem_epochs": 0,
-                "ann_nprobe": None, "ann_rerank": None, "ann_params": {}, "term_weighting": "none"}  # fields added after runs were written: left out of the key at this value
+                "ann_nprobe": None, "ann_rerank": None, "ann_params": {}, "term_weighting": "none", "replay": 0.0}  # fields added after runs were written: left out of the key at this value
 
 
 def run_key(stage: str, cfg: TrainConfig) -> str:
@@ -361,7 +370,7 @@ def paired(rows: list[dict], baseline: str) -> list[dict]:
     return out
 
 
-DISTRACTOR_ARMS = ("nil-fresh", "nil-gradient", "nil-balanced")  # the distractor-aware arms the goal is held against
+DISTRACTOR_ARMS = ("nil-fresh", "nil-gradient", "nil-balanced", "nil-replay")  # the distractor-aware arms the goal is held against
 
 
 def goal(summary: list[dict], pairs: list[dict], arms: tuple[str, ...] = DISTRACTOR_ARMS) -> list[dict]:

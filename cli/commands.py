@@ -154,6 +154,10 @@ class ModelName(click.ParamType):
                    "study's validation choices].")
 @click.option("--variant", default=DEFAULT.variant, show_default=True, type=click.Choice(VARIANTS))
 @click.option("--warmup-epochs", default=DEFAULT.warmup_epochs, show_default=True, help="Epochs of CE only before the distractor term.")
+@click.option("--replay", default=DEFAULT.replay, show_default=True, type=click.FloatRange(min=0),
+              help="--loss nil with a memory: also train on the mined distractor images with their own CE at this "
+                   "weight (CE + lambda x term + replay x CE of the distractors); the images are embedded once "
+                   "for both, so the step costs what --loss ce-replay costs.")
 @click.option("--term-weighting", default=DEFAULT.term_weighting, show_default=True, type=click.Choice(TERM_WEIGHTINGS),
               help="balanced: weight each sample's distractor term by N / (C x n_class) of its class in the training "
                    "split, so a rare class (malignant, the top grade) pushes away from its distractors as hard as a "

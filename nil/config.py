@@ -74,6 +74,7 @@ class TrainConfig:
     margin: float | None = None  # distance below which a distractor is pushed away (unit sphere: distances in [0, 2]); None: DEFAULT_MARGIN of the source
     variant: Variant = "margin"  # margin | triplet
     warmup_epochs: int = 0  # epochs of CE only before the distractor term starts
+    replay: float = 0.0  # --loss nil with a memory: weight of the mined distractor images' own CE beside the term (0: off)
     term_weighting: TermWeighting = "none"  # balanced: each sample's term x N / (C * n_class) of its training class
     distractor: Distractor = "auto"  # memory: nearest stored other-class sample; gradient: from the neurons; auto: memory when something needs one (--ann exact|faiss, ce-replay, triplet, --index-from), else gradient
     gradient_step: float = 0.5  # --distractor gradient: step along the confusing class's gradient, x ||f||
@@ -143,6 +144,13 @@ class TrainConfig:
             (self.index_from is None or self.distractor == "memory",
              "--index-from starts a distractor memory and needs --distractor memory"),
             (self.warmup_epochs >= 0, "--warmup-epochs must be non-negative"),
+            (self.replay >= 0, "--replay must be non-negative"),
+            (self.replay == 0 or (self.loss == "nil" and self.distractor == "memory"),
+             "--replay adds the mined distractor images' own CE to the distractor term: it needs --loss nil and "
+             "--distractor memory (--loss ce-replay is replay alone, weighted by --lambda)"),
+            (self.replay == 0 or self.fresh_distractors,
+             "--replay embeds each distractor image in the step, so the term uses that fresh embedding: drop "
+             "--stored-distractors"),
             (self.term_weighting == "none" or self.loss == "nil",
              "--term-weighting weights the distractor term: it needs --loss nil"),
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1

@@ -9,7 +9,8 @@ never meets its own stale copy). The sources:
   in the current batch (``--ann none``) or in a memory of every training sample's latest embedding
   (``--ann exact``: exact search in torch; ``--ann faiss``: the FAISS engine of :mod:`faiss_index`);
   with ``--fresh-distractors`` each distractor's image is embedded again in the same step, and with
-  ``--loss ce-replay`` those images get a cross-entropy term of their own (the compute-matched control);
+  ``--loss ce-replay`` those images get a cross-entropy term of their own (the compute-matched control;
+  ``--replay`` adds that term beside the distractor term);
 - :class:`GradientDistractors`: a feature-space distractor from the network's own neurons.
 
 The trainer runs every forward pass of a step under :func:`nil.batchnorm.batch_statistics`, so
@@ -275,9 +276,10 @@ class SearchedDistractors(DistractorSource):
     ``images`` set: the distractor's image is embedded again with the current network in the same
     step (``--fresh-distractors``), so both sides of the distance are current embeddings and the
     gradient reaches both; a distractor that is in this batch already takes its embedding from the
-    batch's own forward pass. ``replay``: the distractor images' outputs are also returned for a
-    cross-entropy term of their own (``--loss ce-replay``, the compute-matched control). Without
-    ``images`` the stored (detached) vector is used.
+    batch's own forward pass. ``replay``: every distractor image is embedded and its output is also
+    returned for a cross-entropy term of its own (``--loss ce-replay``, the compute-matched control;
+    ``--loss nil --replay W``, replay beside the term, which then measures those fresh embeddings).
+    Without ``images`` the stored (detached) vector is used.
 
     ``space``: where the search measures distances: ``"z"``, the embedding the distractor term acts
     on, or ``"features"``, the L2-normalised pooled features that cross-entropy trains (the
@@ -325,8 +327,9 @@ class SearchedDistractors(DistractorSource):
             take = elsewhere.nonzero().squeeze(1)
             images, labels = self.images.load(rows[take].cpu(), device)
             replay = distributed.unwrap(model)(images)  # unwrapped: DDP sees one forward per step
-            if not self.replay:
+            if self.space == "z":  # the term measures z: the distractor is its fresh embedding
                 distractor = distractor.index_put((take,), replay.z.float())
+            if not self.replay:
                 replay = labels = None
         return Step(out, Mined(distractor, pairs.valid, pairs.ids, pairs.positive, pairs.positive_valid),
                     replay, labels)

@@ -140,7 +140,8 @@ def method_settings(config: dict) -> dict:
                 "warmup_epochs": config.get("warmup_epochs")}
     if loss == "nil":
         out |= {"lam": config.get("lam"), "margin": config.get("margin"), "variant": config.get("variant"),
-                "term_weighting": config.get("term_weighting", "none")}
+                "term_weighting": config.get("term_weighting", "none"),
+                "replay (weight of the distractor images' CE)": config.get("replay") or None}
     if loss == "ce-replay":
         out["lam (weight of the replayed images' CE)"] = config.get("lam")
     return {k: v for k, v in out.items() if v is not None}

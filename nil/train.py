@@ -337,28 +337,34 @@ def make_source(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.de
                             index_params=cfg.index_params(),
                             shard=faiss_index.DistributedIndex if distributed.context().distributed else None)
     images = None
-    if cfg.fresh_distractors or cfg.loss == "ce-replay":
+    if cfg.fresh_distractors or cfg.loss == "ce-replay" or cfg.replay > 0:
         images = DistractorImages(ds.train, make_transform(True, image_size, ds.channels, normalize))
-    return SearchedDistractors(miner, images, replay=cfg.loss == "ce-replay", space=space)
+    return SearchedDistractors(miner, images, replay=cfg.loss == "ce-replay" or cfg.replay > 0, space=space)
 
 
 def step_loss(step: Step, y: torch.Tensor, criterion: DistractorLoss, cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
     """(total, cross-entropy, second term) of one step.
 
-    ``nil``: CE + lambda * distractor term; ``ce-replay``: CE + lambda * the mean cross-entropy of
-    the replayed distractor images (their own term, so lambda sets how much the hard examples
-    weigh against the batch); ``ce``: CE. The second term is built from z in every step (zero
-    while there is nothing to add), so the projection head takes part in every step on every rank.
+    ``nil``: CE + lambda * distractor term (+ replay * the mean cross-entropy of the distractor
+    images with ``--replay``); ``ce-replay``: CE + lambda * that replayed images' cross-entropy
+    (their own term, so lambda sets how much the hard examples weigh against the batch); ``ce``:
+    CE. The second term is built from z in every step (zero while there is nothing to add), so the
+    projection head takes part in every step on every rank.
     """
     ce = F.cross_entropy(step.out.logits.float(), y)
     z = step.out.z.float()
     second = z.sum() * 0.0
+    replayed = (F.cross_entropy(step.replay.logits.float(), step.replay_labels)
+                if step.replay is not None else None)
     if cfg.loss == "nil" and step.pairs is not None:
         p = step.pairs
         second = criterion(z, p.distractor, p.valid, p.positive, p.positive_valid, labels=y)
-    elif step.replay is not None:
-        second = second + F.cross_entropy(step.replay.logits.float(), step.replay_labels)
-    return ce + cfg.lam * second, ce, second
+    elif replayed is not None:
+        second = second + replayed
+    total = ce + cfg.lam * second
+    if cfg.loss == "nil" and replayed is not None:
+        total = total + cfg.replay * replayed
+    return total, ce, second
 
 
 def train_epoch(model, loader, optimizer, scheduler, criterion, source: DistractorSource, cfg: TrainConfig,

@@ -21,6 +21,7 @@ from nil.mining import (
     DistractorMiner,
     DistractorSource,
     GradientDistractors,
+    Mined,
     SearchedDistractors,
     Step,
 )
@@ -99,6 +100,8 @@ def test_a_distractor_image_is_embedded_as_a_member_of_the_batch(setup):
     where = (rows[:, None] == ids[None, :]).float().argmax(1)
     assert torch.allclose(step.replay.z, step.out.z[where], atol=1e-5)
     assert torch.equal(step.replay_labels, y[where])
+    # searched in z (--loss nil --replay), the term measures the replayed images' own fresh embeddings
+    assert torch.equal(step.pairs.distractor, step.replay.z.float()) and step.pairs.distractor.requires_grad
     # a plain train-mode pass over the distractor images alone would normalise with their own statistics
     alone = build_model("small_cnn", 3, 3, 16, 8)
     alone.load_state_dict(model.state_dict())
@@ -243,6 +246,49 @@ def test_ce_replay_loss_is_batch_ce_plus_lambda_times_the_replayed_images_ce():
     assert torch.allclose(total, f(logits, y) + 0.3 * f(replay_logits, replay_y))
     no_replay = Step(ModelOutput(logits, z, z))  # warm-up, or no distractor image this step
     assert torch.allclose(step_loss(no_replay, y, DistractorLoss(0.5), cfg)[0], f(logits, y))
+
+
+def test_nil_loss_with_replay_is_ce_plus_lambda_term_plus_replay_times_the_distractor_images_ce():
+    torch.manual_seed(0)
+    logits, replay_logits = torch.randn(4, 3), torch.randn(4, 3)
+    y, replay_y = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 2])
+    z = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    d = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    pairs = Mined(d, torch.ones(4, dtype=torch.bool), torch.arange(4))
+    step = Step(ModelOutput(logits, z, z), pairs, ModelOutput(replay_logits, d, d), replay_y)
+    criterion = DistractorLoss(2.0)  # every pair of unit vectors is closer than 2: the hinge is active
+    f = torch.nn.functional.cross_entropy
+    term = criterion(z, d, pairs.valid, labels=y)
+    assert term > 0
+    total, ce, second = step_loss(step, y, criterion, TrainConfig(loss="nil", lam=0.3, replay=0.1))
+    assert torch.allclose(second, term) and torch.allclose(ce, f(logits, y))
+    assert torch.allclose(total, f(logits, y) + 0.3 * term + 0.1 * f(replay_logits, replay_y))
+    # without --replay the replayed output (if any) adds nothing
+    assert torch.allclose(step_loss(step, y, criterion, TrainConfig(loss="nil", lam=0.3))[0], f(logits, y) + 0.3 * term)
+
+
+def test_replay_beside_the_term_trains_end_to_end_and_is_reported(tmp_path, tiny_npz):
+    from nil.report import method_settings
+
+    cfg = TrainConfig(data=str(tiny_npz), out=str(tmp_path / "r"), model="small_cnn", epochs=2, batch_size=32,
+                      embed_dim=8, warmup_epochs=0, progress=False, device="cpu", ann="exact", replay=0.1)
+    train(cfg)
+    lines = [json.loads(s) for s in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["train"]["distractor_rate"] > 0.5 and lines[-1]["train"]["loss_distractor"] >= 0.0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert method_settings(config)["replay (weight of the distractor images' CE)"] == 0.1
+    assert "replay (weight of the distractor images' CE)" not in method_settings(config | {"replay": 0.0})
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(loss="ce-replay", ann="exact", replay=0.1), "--replay adds"),
+    (dict(loss="nil", distractor="gradient", replay=0.1), "--replay adds"),
+    (dict(loss="nil", ann="exact", fresh_distractors=False, replay=0.1), "drop --stored-distractors"),
+    (dict(loss="nil", ann="exact", replay=-1.0), "non-negative"),
+])
+def test_replay_where_it_cannot_apply_is_refused(kw, message):
+    with pytest.raises(NilError, match=message):
+        TrainConfig(data="x", out="y", **kw).validate()
 
 
 def test_fresh_distractors_asked_for_with_the_gradient_source_is_refused_but_the_default_is_not(tmp_path, tiny_npz):
