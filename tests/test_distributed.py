@@ -241,6 +241,7 @@ def test_two_process_index_build_equals_one_process_build(tmp_path, tiny_npz):
     ["--ann", "exact", "--warmup-epochs", "1", "--stored-distractors"],
     ["--fresh-distractors", "--warmup-epochs", "0", "--ann", "faiss", "--ann-index", "flat"],
     ["--loss", "ce-replay", "--warmup-epochs", "0"],
+    ["--ann", "exact", "--replay", "0.1", "--warmup-epochs", "0"],  # replay beside the term
 ])
 def test_two_process_training_runs_every_source_across_epochs(tmp_path, tiny_npz, extra):
     """Two epochs under torchrun with the default options and with distractor images embedded in the
