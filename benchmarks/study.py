@@ -68,7 +68,7 @@ ARMS = {
     # hard-example replay and the distractor term together (--replay): the mined distractor images get
     # ce-matched's CE at its chosen weight 0.1 and the term measures their fresh embeddings; one extra
     # pass, the compute of ce-matched and nil-fresh. Separates "the term adds to replay" from "replay
-    # helps". Added after every other arm's final runs (2026-12-07), tuned on validation with the same
+    # helps". Added after every other arm's final runs (2026-12-06), tuned on validation with the same
     # budget (lambda x lr; margin 1.0 from nil-fresh's choice) before any test figure of it
     "nil-replay": dict(loss="nil", ann="exact", fresh_distractors=True, distractor="memory", replay=0.1),
 }
