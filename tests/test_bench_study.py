@@ -121,7 +121,8 @@ def test_study_command_rejects_an_unknown_arm(tmp_path):
     assert result.exit_code != 0 and "unknown arms ['magic']" in result.output
 
 
-COMMITTED_ARMS = ("ce", "ce-matched", "nil-fresh", "nil-stored", "nil-gradient", "nil-balanced")  # all small-CNN finals
+COMMITTED_ARMS = ("ce", "ce-matched", "nil-fresh", "nil-stored", "nil-gradient", "nil-balanced",
+                  "nil-replay")  # all small-CNN finals
 
 
 def test_the_committed_study_runs_keep_their_keys(tmp_path):
@@ -134,5 +135,5 @@ def test_the_committed_study_runs_keep_their_keys(tmp_path):
     planned = [study_module.run_key("final", study_module.run_config(
         s, dataset, "small_cnn", arm, seed, choices[arm]["params"], tmp_path / "run", evaluate_test=True))
         for dataset in s.datasets for arm in COMMITTED_ARMS for seed in s.seeds]
-    assert len(planned) == 60  # 6 arms x 2 datasets x 5 seeds
+    assert len(planned) == 70  # 7 arms x 2 datasets x 5 seeds
     assert [k for k in planned if k not in rows] == []
