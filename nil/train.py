@@ -336,10 +336,11 @@ def make_source(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.de
                             audit_every=cfg.audit_every, index=_start_index(cfg, ds, device),
                             index_params=cfg.index_params(),
                             shard=faiss_index.DistributedIndex if distributed.context().distributed else None)
+    replay = cfg.loss == "ce-replay" or cfg.replay > 0  # the distractor images get a CE term of their own
     images = None
-    if cfg.fresh_distractors or cfg.loss == "ce-replay" or cfg.replay > 0:
+    if cfg.fresh_distractors or replay:
         images = DistractorImages(ds.train, make_transform(True, image_size, ds.channels, normalize))
-    return SearchedDistractors(miner, images, replay=cfg.loss == "ce-replay" or cfg.replay > 0, space=space)
+    return SearchedDistractors(miner, images, replay=replay, space=space)
 
 
 def step_loss(step: Step, y: torch.Tensor, criterion: DistractorLoss, cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
