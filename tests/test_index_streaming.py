@@ -5,6 +5,9 @@ The CPU IVF engine writes upserted rows into its lists at once (in place); every
 entries until the next rebuild. Either way results are computed from fresh vectors.
 """
 import math
+import os
+import threading
+import time
 
 import pytest
 import torch
@@ -203,6 +206,93 @@ def test_background_rebuilds_are_reproducible():
     assert all(torch.equal(i, j) and torch.equal(d, e) for (i, d), (j, e) in zip(a, b))
 
 
+def test_the_rebuild_thread_writes_newer_rows_into_the_new_structure_before_the_swap():
+    """With in-place updates the thread catches up itself: at the swap nothing is left to drain."""
+    x, y = base_data(seed=4)
+    index = FaissIndex(DIM, 3, kind="ivfpq", refresh_every=8)  # swap 4 upserts after the start
+    index.upsert(torch.arange(400), x[:400], y[:400])
+    index.build()
+    for i in range(8):  # the eighth starts a rebuild
+        index.upsert(torch.arange(i * 10, i * 10 + 10), x[i * 10:i * 10 + 10] * 0.9, y[i * 10:i * 10 + 10])
+    job = index._job
+    assert job is not None and job.catch_up
+    index.upsert(torch.arange(400, 450), x[400:450], y[400:450])  # new rows, written during the rebuild
+    index.upsert(torch.arange(0, 20), x[:20] * 0.5, y[:20])  # moved rows
+    deadline = time.monotonic() + 60
+    while (job.pending or job.engine.ntotal < 450) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not job.pending and job.engine.ntotal == 450  # written by the thread, before any swap
+    assert index._job is job  # not swapped yet
+    index.upsert(torch.arange(450, 460), x[450:460], y[450:460])
+    index.upsert(torch.arange(460, 470), x[460:470], y[460:470])  # fourth upsert: swapped
+    assert index._job is None and index.engine is job.engine and index.delta_size == 0
+    r = index.search_other_class(x[:20] * 0.5, y[:20], 1, query_ids=torch.arange(20))
+    exact = make_index("exact", DIM, 3)
+    exact.upsert(torch.arange(470), torch.cat([x[:20] * 0.5, x[20:80] * 0.9, x[80:470]]), y[:470])
+    want = exact.search_other_class(x[:20] * 0.5, y[:20], 1, query_ids=torch.arange(20))
+    assert (r.distances[:, 0] >= want.distances[:, 0] - 1e-5).all()
+    assert (r.ids[:, 0] == want.ids[:, 0]).float().mean() >= 0.8
+
+
+def test_the_swapped_structure_does_not_depend_on_how_far_the_thread_got(monkeypatch):
+    """Whether the thread applied the newer writes or the swap had to wait for them, the searches
+    after the swap are identical (each write batch is applied once, in order)."""
+    from faiss_index.streaming.partitioned_ivf import PartitionedIVF
+
+    x0, y = base_data(n=1500, seed=8)
+
+    def stream():
+        x = x0.clone()
+        index = make_index("ivfpq", DIM, 3, refresh_every=6)
+        index.upsert(torch.arange(1500), x, y)
+        index.build()
+        g = torch.Generator().manual_seed(2)
+        out = []
+        for _ in range(20):
+            rows = torch.randperm(1500, generator=g)[:50]
+            v = x[rows] + 0.05 * torch.randn(50, DIM, generator=g)
+            r = index.search_other_class(v, y[rows], 2, query_ids=rows)
+            out.append((r.ids, r.distances))
+            index.upsert(rows, v, y[rows])
+            x[rows] = v
+        return out
+
+    fast = stream()
+    build = PartitionedIVF.build_prepared
+
+    def slow(self, job):
+        time.sleep(0.3)  # the swap, 3 upserts later, comes before the build is done
+        build(self, job)
+
+    monkeypatch.setattr(PartitionedIVF, "build_prepared", slow)
+    late = stream()
+    assert all(torch.equal(i, j) and torch.equal(d, e) for (i, d), (j, e) in zip(fast, late))
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are a POSIX feature")
+def test_the_rebuild_runs_at_the_lowest_priority(monkeypatch):
+    from faiss_index.streaming.partitioned_ivf import PartitionedIVF
+
+    seen = []
+    build = PartitionedIVF.build_prepared
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def spy(self, job):
+        seen.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        build(self, job)
+
+    monkeypatch.setattr(PartitionedIVF, "build_prepared", spy)
+    x, y = base_data(seed=9)
+    index = FaissIndex(DIM, 3, kind="ivf", refresh_every=2)
+    index.upsert(torch.arange(300), x[:300], y[:300])
+    index.build()
+    index.upsert(torch.arange(10), x[:10], y[:10])
+    index.upsert(torch.arange(10), x[:10], y[:10])  # the second starts the rebuild
+    index._finish_rebuild()
+    assert seen == [("MainThread", base), ("faiss-index-rebuild", 19)]  # index.build() runs here, as it was
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # this thread is untouched
+
+
 def test_a_failed_background_rebuild_is_raised_at_the_swap_and_the_index_still_answers(monkeypatch):
     x, y = base_data(seed=6)
     index = FaissIndex(DIM, 3, kind="ivf", refresh_every=4)
@@ -352,7 +442,8 @@ def test_a_process_that_ends_during_a_background_rebuild_exits_cleanly():
             "x = torch.nn.functional.normalize(torch.randn(20000, 16), dim=1); y = torch.randint(0, 3, (20000,))\n"
             "ix = make_index('ivfpq', 16, 3, refresh_every=2)\n"
             "ix.upsert(torch.arange(20000), x, y); ix.upsert(torch.arange(100), x[:100], y[:100])\n"
-            "assert ix._job is not None\n")
+            "assert ix._job is not None\n"
+            "import time; time.sleep(1)\n")  # built by now: the thread waits for writes to catch up on
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "terminate" not in run.stderr, run.stderr[-1000:]
 

@@ -14,8 +14,9 @@ Candidates from both are re-ranked with the freshest stored vectors, so a stale 
 recall, never correctness. Every ``refresh_every`` upserts (or on :meth:`refresh` / :meth:`build`)
 the structure is rebuilt from the store (new centroids, no dead entries). The CPU IVF engine
 rebuilds in a background thread, so no training step waits for it: searches use the current
-structure until the new one is swapped in, ``refresh_every // 2`` upserts later; the rows written
-in between sit in the delta and are moved into the new structure over the next few upserts.
+structure until the new one is swapped in, ``refresh_every // 2`` upserts later. The thread runs at
+a lower priority and, once built, writes the rows upserted meanwhile into the new structure itself,
+so the swap finds it current: no step pays for a catch-up or searches those rows exactly.
 
 Engines without in-place updates never change between refreshes, which sidesteps what GPU
 faiss indexes cannot do (no ``remove_ids``, no ``add_with_ids`` on GpuIndexFlat).
@@ -24,9 +25,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +144,14 @@ class FaissIndex(BaseIndex):
 
         ids (B,) int >= 0, vectors (B, D) float, labels (B,) int. Returns (U,) int64 rows written.
         """
+        if self._job is not None:  # the rebuild reads the store as it was when it started
+            self._job.snapshot.save(self.store.rows_of(ids))
         rows = self.store.upsert(ids, vectors, labels, self.num_classes)
         if self.engine.built:  # before the first build the store itself is searched: no second copy
             self._write(rows)
         if self._job is not None:
             s = self.store
-            self._job.since.write(rows, s.vectors[rows], s.labels[rows], s.ids[rows])
+            self._job.record(rows, s.vectors[rows], s.labels[rows], s.ids[rows])
         self._steps += 1
         if self._job is not None and self._steps >= self._job.swap_at:
             self._finish_rebuild()
@@ -165,13 +170,8 @@ class FaissIndex(BaseIndex):
         otherwise (or for rows it cannot place) into the exact delta."""
         s = self.store
         if self.inplace:
-            placed = rows
-            rows = self.engine.update(rows, s.vectors[rows], s.labels[rows])
-            if len(self.delta):  # a copy still waiting in the delta: keep it fresh
-                stale = self.delta.contains(placed)
-                if stale.any():
-                    rows = torch.cat([rows, placed[stale]]).unique()
-        if rows.numel():
+            _place(self.engine, self.delta, rows, s.vectors[rows], s.labels[rows], s.ids[rows])
+        elif rows.numel():
             self.delta.write(rows, s.vectors[rows], s.labels[rows], s.ids[rows])
 
     # ------------------------------------------------------------------ background rebuild
@@ -179,14 +179,14 @@ class FaissIndex(BaseIndex):
         """Rebuild a copy of the engine in a thread from the store as it is now; searches go on with
         the current structure. The copy is swapped in ``refresh_every // 2`` upserts later (waiting
         for it only if it is not done by then), at the same step whatever the timing, so a seeded
-        run stays reproducible. Rows written meanwhile go to the exact delta at the swap (and from
-        there, with in-place updates, into the new structure over the next upserts)."""
+        run stays reproducible. Rows written meanwhile are written into the new structure by the
+        thread once it is built (in-place updates), or go to its exact delta (see :class:`_Rebuild`)."""
         self._finish_rebuild()
         n = len(self.store)
         engine = copy.copy(self.engine)
         prepared = engine.prepare(self.store.vectors[:n], self.store.labels[:n], self._changed())
-        job = _Rebuild(engine=engine, since=DeltaBuffer(self.dim, self.device),
-                       swap_at=max(1, self.refresh_every // 2))
+        job = _Rebuild(engine=engine, since=DeltaBuffer(self.dim, self.device), snapshot=prepared["snapshot"],
+                       swap_at=max(1, self.refresh_every // 2), catch_up=self.inplace)
         follow_torch_threads(self._faiss)
         # not a daemon: the interpreter's exit waits for it (a daemon thread still inside faiss / OpenMP
         # when the process ends aborts it with "terminate called without an active exception")
@@ -200,7 +200,7 @@ class FaissIndex(BaseIndex):
         job, self._job = self._job, None
         if job is None:
             return
-        job.thread.join()
+        job.finish()
         if job.error is not None:
             raise job.error
         self.engine = job.engine
@@ -308,21 +308,94 @@ class FaissIndex(BaseIndex):
                 f"delta={len(self.delta)})")
 
 
+def _place(engine, delta: DeltaBuffer, rows: torch.Tensor, vectors: torch.Tensor, labels: torch.Tensor,
+           ids: torch.Tensor) -> None:
+    """Write store rows in place into an in-place engine. Rows it cannot place (their class has no
+    lists yet) go to the exact delta, and so do placed rows that already have a copy there (the
+    delta's copy masks the structure's entries, so it must stay the freshest)."""
+    left = engine.update(rows, vectors, labels)
+    keep = torch.isin(rows, left)
+    if len(delta):
+        keep |= delta.contains(rows)
+    if keep.any():
+        delta.write(rows[keep], vectors[keep], labels[keep], ids[keep])
+
+
 @dataclass
 class _Rebuild:
-    """A structure being rebuilt in a thread: the engine copy, the rows written since it started."""
+    """A structure being rebuilt in a thread: the engine copy, the rows written since it started.
+
+    With in-place updates (``catch_up``) every write made while the thread runs is queued, and the
+    thread applies the queue to the new structure in order as soon as the build is done, so at the
+    swap the new structure is already current and nothing is left for the training step to drain
+    or to search exactly. The result does not depend on the timing: each write batch is applied
+    once, in order, whether by the thread or (when the swap comes first) at the swap.
+    Otherwise the writes go to ``since``, the new structure's exact delta.
+    """
 
     engine: Any
     since: DeltaBuffer
+    snapshot: Any  # streaming.snapshot.Snapshot the build reads; upserts save rows into it first
     swap_at: int
+    catch_up: bool = False
     thread: threading.Thread | None = None
     error: BaseException | None = None
     seconds: float = 0.0
+    pending: deque = field(default_factory=deque)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    closing: bool = False
+
+    def record(self, rows: torch.Tensor, vectors: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
+        """A write made while the structure is being built: rows (U,) and copies of their new values."""
+        if not self.catch_up:
+            self.since.write(rows, vectors, labels, ids)
+            return
+        with self.cond:
+            self.pending.append((rows, vectors, labels, ids))
+            self.cond.notify()
+
+    def finish(self) -> None:
+        """Wait for the thread; it applies what is still queued first."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+        self.thread.join()
 
     def run(self, prepared: dict) -> None:
+        _lower_priority()
         t0 = time.perf_counter()
         try:
             self.engine.build_prepared(prepared)
         except BaseException as e:  # re-raised in the training thread at the swap
             self.error = e
-        self.seconds = time.perf_counter() - t0
+            return
+        finally:
+            self.seconds = time.perf_counter() - t0
+        if not self.catch_up:
+            return
+        try:
+            while True:
+                with self.cond:
+                    # wake now and then: an interpreter that ends without a swap must not wait here
+                    while not self.pending and not self.closing and threading.main_thread().is_alive():
+                        self.cond.wait(0.2)
+                    if not self.pending:
+                        return
+                    batch = self.pending.popleft()
+                _place(self.engine, self.since, *batch)
+        except BaseException as e:
+            self.error = e
+
+
+# The rebuild thread runs at the lowest priority (nice 19; the OpenMP workers it starts inherit it
+# on Linux), so on a machine whose cores the training step keeps busy it mostly takes idle time.
+# Its thread count cannot be lowered on its own: OpenMP's setting outside a parallel region is
+# process-wide. Raising one's own nice value needs no privilege.
+_REBUILD_NICE = 19
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _REBUILD_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the rebuild runs at normal priority
+        pass

@@ -27,6 +27,7 @@ from ..kinds import default_nlist
 from ..quantizers.ivf import build_ivf, ivf_nbytes, search_preassigned
 from ..quantizers.kmeans import assign, kmeans, seeded_sample
 from ..quantizers.pq import encode_pq, pack_codes, pq_mse, train_pq
+from .snapshot import Snapshot
 from .structure import Engine
 
 LOG = logging.getLogger(__name__)
@@ -84,21 +85,19 @@ class PartitionedIVF(Engine):
         self.build_prepared(self.prepare(vectors, labels, changed))
 
     def prepare(self, vectors: torch.Tensor, labels: torch.Tensor, changed: torch.Tensor | None = None) -> dict:
-        """What a build reads that may change while it runs, copied now: the labels and which rows
-        changed since the last build (two cheap copies, so starting a background rebuild costs a
-        training step almost nothing).
-
-        :meth:`build_prepared` reads ``vectors`` live (k-means samples, assignment, codes), so a
-        build in a background thread sees the store as it was here, except for rows written
-        meanwhile: the index writes those again into the new structure once it is swapped in.
+        """What a build reads, fixed now: the labels and which rows changed since the last build
+        (two cheap copies), and the vectors as a :class:`Snapshot` of the live store, so starting a
+        background rebuild costs a training step almost nothing and the build sees the store
+        exactly as it is here. A background caller saves each row into ``job["snapshot"]`` before
+        writing it; the index writes those rows into the new structure after it is built.
         """
-        return {"vectors": vectors.detach(), "labels": labels.detach().to("cpu").clone(),
+        return {"snapshot": Snapshot(vectors.detach()), "labels": labels.detach().to("cpu").clone(),
                 "changed": None if changed is None else changed.detach().cpu().clone()}
 
     def build_prepared(self, job: dict) -> None:
         """Build from :meth:`prepare`'s snapshot (safe to run in a thread while searches use another copy)."""
         faiss = self.faiss
-        vectors, labels = job["vectors"], job["labels"]
+        snap, labels = job["snapshot"], job["labels"]
         counts = torch.bincount(labels, minlength=self.num_classes).tolist()
         self._resolve(counts)
         r = self.resolved
@@ -118,11 +117,11 @@ class PartitionedIVF(Engine):
                 continue
             rows_c = rows_of[c]
             pick = seeded_sample(counts[c], r["max_points_per_centroid"] * nl, r["seed"] + 7919 * c)
-            sample = vectors[rows_c[pick].to(vectors.device)].to("cpu", torch.float32)
+            sample = snap.read(rows_c[pick])
             # A refresh starts from the previous centroids, so fewer iterations suffice.
             niter = r["niter"] if init is None else max(4, r["niter"] // 3)
             cent = kmeans(sample, nl, niter=niter, seed=r["seed"] + c, init=init)
-            a, _ = assign(vectors[rows_c.to(vectors.device)].to("cpu", torch.float32), cent)
+            a, _ = assign(snap.read(rows_c), cent)
             list_no[rows_c] = a + offset
             cents.append(cent)
             list_class.append(torch.full((nl,), c, dtype=torch.int64))
@@ -134,14 +133,13 @@ class PartitionedIVF(Engine):
             return
         centroids = torch.cat(cents)
         ids = torch.arange(labels.shape[0], dtype=torch.int64)
-        cpu_vectors = vectors.to("cpu")  # a float16 store stays float16: codes are encoded block by block
         pq_cent = None
         if self.kind == "ivf":
-            index, quantizer = build_ivf(faiss, "ivf", cpu_vectors.to(torch.float32), centroids, list_no, ids)
+            index, quantizer = build_ivf(faiss, "ivf", snap.read(), centroids, list_no, ids)
         else:
-            pick = seeded_sample(labels.shape[0], _PQ_TRAIN_ROWS, r["seed"] + 1).to(vectors.device)
-            pq_cent, codes = self._codes_for(cpu_vectors, job["changed"], vectors[pick].to("cpu", torch.float32))
-            index, quantizer = build_ivf(faiss, "ivfpq", cpu_vectors, centroids, list_no, ids, m=r["m"],
+            pick = seeded_sample(labels.shape[0], _PQ_TRAIN_ROWS, r["seed"] + 1)
+            pq_cent, codes = self._codes_for(snap, job["changed"], snap.read(pick))
+            index, quantizer = build_ivf(faiss, "ivfpq", snap.vectors, centroids, list_no, ids, m=r["m"],
                                          nbits=r["nbits"], pq_centroids=pq_cent, codes=codes,
                                          fast_scan=r["nbits"] == 4)
         self.centroids = centroids
@@ -226,7 +224,7 @@ class PartitionedIVF(Engine):
         self.list_size = self.list_size + torch.bincount(list_no, minlength=self.list_size.shape[0])
         self.ntotal = max(self.ntotal, int(rows.max()) + 1)
 
-    def _codes_for(self, vectors: torch.Tensor, changed: torch.Tensor | None, sample: torch.Tensor):
+    def _codes_for(self, snap: Snapshot, changed: torch.Tensor | None, sample: torch.Tensor):
         """PQ codebook and packed codes (N, code_size) uint8 of every row.
 
         The codes are not residual, so they do not depend on the coarse lists: while the codebook
@@ -235,7 +233,7 @@ class PartitionedIVF(Engine):
         Otherwise it is retrained and everything re-encoded.
         """
         r = self.resolved
-        n = vectors.shape[0]
+        n = snap.n
         cb = dict(self._pq) if self._pq is not None else None  # a copy: another engine may share the old one
         reuse = (cb is not None and changed is not None and cb["shape"] == (r["m"], r["nbits"])
                  and cb["codes"].shape[0] <= n and pq_mse(sample, cb["centroids"]) <= _PQ_RETRAIN_RATIO * cb["mse"])
@@ -245,13 +243,19 @@ class PartitionedIVF(Engine):
             codes[:old] = cb["codes"]
             todo = changed.cpu().clone()
             todo[old:] = True
+            # the cache belongs to the structure in use, which the training thread keeps writing:
+            # rows written since the snapshot are encoded again from their snapshot values
+            todo[snap.saved()[0]] = True
             rows = todo.nonzero().squeeze(1)
             if rows.numel():
-                codes[rows.numpy()] = pack_codes(encode_pq(vectors[rows], cb["centroids"]), r["nbits"])
+                codes[rows.numpy()] = pack_codes(encode_pq(snap.read(rows), cb["centroids"]), r["nbits"])
             cent = cb["centroids"]
         else:
             cent = train_pq(sample, r["m"], r["nbits"], seed=r["seed"])
-            codes = pack_codes(encode_pq(vectors, cent), r["nbits"])
+            codes = pack_codes(encode_pq(snap.vectors, cent), r["nbits"])  # a float16 store is encoded block by block
+            rows, old = snap.saved()  # rows written while the line above read the live store
+            if rows.numel():
+                codes[rows.numpy()] = pack_codes(encode_pq(old, cent), r["nbits"])
             cb = {"centroids": cent, "mse": pq_mse(sample, cent), "shape": (r["m"], r["nbits"])}
         cb["codes"] = codes
         self._pq = cb

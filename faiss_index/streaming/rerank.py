@@ -50,7 +50,7 @@ def rerank(
     valid &= (lab == yq.unsqueeze(1)) if same_class else (lab != yq.unsqueeze(1))
     if qid is not None:
         valid &= ids[r] != qid.unsqueeze(1)
-    dist = pairwise_distances(xq, vectors[r].float())  # a float16 store is read back as float32
+    dist = pairwise_distances(xq, vectors, r)
     dist = dist.masked_fill(~valid, float("inf"))
     kk = min(k, dist.shape[1])
     d, j = dist.topk(kk, dim=1, largest=False, sorted=True)
