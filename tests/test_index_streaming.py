@@ -433,6 +433,55 @@ def test_refresh_reuses_the_codebook_and_re_encodes_changed_rows():
     assert len(index.delta) == 0 and index.delta.rows.shape[0] <= 1 << 17
 
 
+def _entries(engine):
+    """(row, list) of every entry of the engine's faiss lists."""
+    import faiss
+    import numpy as np
+
+    inv = engine.index.invlists
+    rows, lists = [], []
+    for lno in range(engine.index.nlist):
+        n = inv.list_size(lno)
+        if n:
+            rows.append(np.array(faiss.rev_swig_ptr(inv.get_ids(lno), n)))
+            lists.append(np.full(n, lno))
+    return torch.from_numpy(np.concatenate(rows)), torch.from_numpy(np.concatenate(lists))
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_a_refresh_without_drift_keeps_the_centroids_and_drops_the_older_entries(kind):
+    from faiss_index.quantizers.kmeans import assign
+
+    x, y = base_data(n=3000, seed=11)
+    index = make_index(kind, DIM, 3, refresh_every=0)
+    index.upsert(torch.arange(3000), x, y)
+    index.build()
+    engine = index.engine
+    assert engine.last_build == "train"
+    cents = engine.centroids.clone()
+    g = torch.Generator().manual_seed(0)
+    moved = torch.arange(0, 3000, 3)
+    x[moved] += 0.02 * torch.randn(len(moved), DIM, generator=g)
+    index.upsert(moved, x[moved], y[moved])
+    assert engine.index.ntotal == 4000  # in place: each moved row has an older entry too
+    index.refresh()
+    assert engine.last_build == "compact" and torch.equal(engine.centroids, cents)
+    rows, lists = _entries(engine)
+    assert sorted(rows.tolist()) == list(range(3000))  # every row once: the older entries are gone
+    # ... each in the nearest list of its class for its newest vector
+    order = rows.argsort()
+    offsets = torch.tensor([0] + engine.nlist_per_class).cumsum(0)
+    for c in range(3):
+        lo, hi = int(offsets[c]), int(offsets[c + 1])
+        sel = (y == c).nonzero().squeeze(1)
+        want, _ = assign(x[sel], cents[lo:hi])
+        assert torch.equal(lists[order][sel], want + lo)
+    # the centroids are retrained once the rows written lie much farther from them
+    index.upsert(torch.arange(3000), x * 3, y)
+    index.refresh()
+    assert engine.last_build == "train" and not torch.equal(engine.centroids, cents)
+
+
 def test_a_process_that_ends_during_a_background_rebuild_exits_cleanly():
     """The rebuild thread is joined at exit: no "terminate called without an active exception" abort."""
     import subprocess
