@@ -104,9 +104,10 @@ def test_refresh_every_counts_upserts():
     assert index.delta_size == 0 and index.engine.ntotal == 350
 
 
-def test_in_place_updates_keep_the_delta_empty_and_find_moved_rows_at_once():
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])  # plain array lists and fast-scan blocks
+def test_in_place_updates_keep_the_delta_empty_and_find_moved_rows_at_once(kind):
     x, y = base_data(n=3000, seed=8)
-    index = FaissIndex(DIM, 3, kind="ivfpq", refresh_every=0)
+    index = FaissIndex(DIM, 3, kind=kind, refresh_every=0)
     index.upsert(torch.arange(3000), x, y)
     index.build()
     exact = make_index("exact", DIM, 3)
@@ -119,7 +120,9 @@ def test_in_place_updates_keep_the_delta_empty_and_find_moved_rows_at_once():
         for ix in (index, exact):
             ix.upsert(rows, v, lab)
         x[rows], y[rows] = v, lab
-    assert index.delta_size == 0 and index.engine.index.ntotal == 3000 + 10 * 200  # old entries wait for a refresh
+    assert index.delta_size == 0 and index.engine.index.ntotal == 3000
+    rows, lists = _entries(index.engine)
+    assert sorted(rows.tolist()) == list(range(3000))  # one entry per row: the moved rows left their old lists
     # Each moved row is found through its new entry: querying with its exact vector from another class
     q = torch.randperm(3000, generator=g)[:100]
     yq = (y[q] + 1) % 3
@@ -130,7 +133,7 @@ def test_in_place_updates_keep_the_delta_empty_and_find_moved_rows_at_once():
     b = exact.search_other_class(x[:300], y[:300], 3, query_ids=torch.arange(300))
     assert (a.distances >= b.distances - 1e-4).all()
     assert (a.ids[:, 0] == b.ids[:, 0]).float().mean() >= 0.9
-    assert len(set(a.ids[0].tolist())) == 3  # an old and a new entry of one row never both come back
+    assert len(set(a.ids[0].tolist())) == 3
     index.refresh()
     assert index.engine.index.ntotal == 3000
 
@@ -212,8 +215,8 @@ def test_the_rebuild_thread_writes_newer_rows_into_the_new_structure_before_the_
     index = FaissIndex(DIM, 3, kind="ivfpq", refresh_every=8)  # swap 4 upserts after the start
     index.upsert(torch.arange(400), x[:400], y[:400])
     index.build()
-    for i in range(8):  # the eighth starts a rebuild
-        index.upsert(torch.arange(i * 10, i * 10 + 10), x[i * 10:i * 10 + 10] * 0.9, y[i * 10:i * 10 + 10])
+    for i in range(8):  # the eighth starts a rebuild (the rows moved far: the centroids no longer fit)
+        index.upsert(torch.arange(i * 10, i * 10 + 10), x[i * 10:i * 10 + 10] * 3, y[i * 10:i * 10 + 10])
     job = index._job
     assert job is not None and job.catch_up
     index.upsert(torch.arange(400, 450), x[400:450], y[400:450])  # new rows, written during the rebuild
@@ -228,7 +231,7 @@ def test_the_rebuild_thread_writes_newer_rows_into_the_new_structure_before_the_
     assert index._job is None and index.engine is job.engine and index.delta_size == 0
     r = index.search_other_class(x[:20] * 0.5, y[:20], 1, query_ids=torch.arange(20))
     exact = make_index("exact", DIM, 3)
-    exact.upsert(torch.arange(470), torch.cat([x[:20] * 0.5, x[20:80] * 0.9, x[80:470]]), y[:470])
+    exact.upsert(torch.arange(470), torch.cat([x[:20] * 0.5, x[20:80] * 3, x[80:470]]), y[:470])
     want = exact.search_other_class(x[:20] * 0.5, y[:20], 1, query_ids=torch.arange(20))
     assert (r.distances[:, 0] >= want.distances[:, 0] - 1e-5).all()
     assert (r.ids[:, 0] == want.ids[:, 0]).float().mean() >= 0.8
@@ -286,8 +289,8 @@ def test_the_rebuild_runs_at_the_lowest_priority(monkeypatch):
     index = FaissIndex(DIM, 3, kind="ivf", refresh_every=2)
     index.upsert(torch.arange(300), x[:300], y[:300])
     index.build()
-    index.upsert(torch.arange(10), x[:10], y[:10])
-    index.upsert(torch.arange(10), x[:10], y[:10])  # the second starts the rebuild
+    index.upsert(torch.arange(10), x[:10] * 3, y[:10])
+    index.upsert(torch.arange(10), x[:10] * 3, y[:10])  # the second starts the rebuild (the rows moved far)
     index._finish_rebuild()
     assert seen == [("MainThread", base), ("faiss-index-rebuild", 19)]  # index.build() runs here, as it was
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # this thread is untouched
@@ -304,8 +307,8 @@ def test_a_failed_background_rebuild_is_raised_at_the_swap_and_the_index_still_a
         raise RuntimeError("out of memory while rebuilding")
 
     monkeypatch.setattr(engine_type, "build_prepared", broken)
-    for i in range(5):  # the fourth starts the rebuild, the sixth swaps it in
-        index.upsert(torch.arange(i * 10, i * 10 + 10), x[i * 10:i * 10 + 10], y[i * 10:i * 10 + 10])
+    for i in range(5):  # the fourth starts the rebuild (the rows moved far), the sixth swaps it in
+        index.upsert(torch.arange(i * 10, i * 10 + 10), x[i * 10:i * 10 + 10] * 3, y[i * 10:i * 10 + 10])
     with pytest.raises(RuntimeError, match="out of memory while rebuilding"):
         index.upsert(torch.arange(300, 310), x[300:310], y[300:310])
     monkeypatch.undo()
@@ -449,37 +452,34 @@ def _entries(engine):
 
 
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
-def test_a_refresh_without_drift_keeps_the_centroids_and_drops_the_older_entries(kind):
+def test_periodic_refreshes_are_skipped_until_the_data_drifts(kind):
     from faiss_index.quantizers.kmeans import assign
 
     x, y = base_data(n=3000, seed=11)
-    index = make_index(kind, DIM, 3, refresh_every=0)
+    index = make_index(kind, DIM, 3, refresh_every=2, background=False)
     index.upsert(torch.arange(3000), x, y)
     index.build()
     engine = index.engine
-    assert engine.last_build == "train"
     cents = engine.centroids.clone()
     g = torch.Generator().manual_seed(0)
-    moved = torch.arange(0, 3000, 3)
-    x[moved] += 0.02 * torch.randn(len(moved), DIM, generator=g)
-    index.upsert(moved, x[moved], y[moved])
-    assert engine.index.ntotal == 4000  # in place: each moved row has an older entry too
-    index.refresh()
-    assert engine.last_build == "compact" and torch.equal(engine.centroids, cents)
+    for step in range(6):  # small moves: three periodic refreshes, all skipped
+        moved = torch.randperm(3000, generator=g)[:300]
+        x[moved] += 0.02 * torch.randn(len(moved), DIM, generator=g)
+        index.upsert(moved, x[moved], y[moved])
+    assert index.refreshes_skipped == 3 and torch.equal(engine.centroids, cents)
     rows, lists = _entries(engine)
-    assert sorted(rows.tolist()) == list(range(3000))  # every row once: the older entries are gone
-    # ... each in the nearest list of its class for its newest vector
+    assert sorted(rows.tolist()) == list(range(3000))  # one entry per row ...
     order = rows.argsort()
     offsets = torch.tensor([0] + engine.nlist_per_class).cumsum(0)
-    for c in range(3):
+    for c in range(3):  # ... in the nearest list of its class for its newest vector
         lo, hi = int(offsets[c]), int(offsets[c + 1])
         sel = (y == c).nonzero().squeeze(1)
         want, _ = assign(x[sel], cents[lo:hi])
         assert torch.equal(lists[order][sel], want + lo)
-    # the centroids are retrained once the rows written lie much farther from them
+    # once the rows written lie much farther from the centroids, the next periodic refresh retrains them
     index.upsert(torch.arange(3000), x * 3, y)
-    index.refresh()
-    assert engine.last_build == "train" and not torch.equal(engine.centroids, cents)
+    index.upsert(torch.arange(10), x[:10] * 3, y[:10])
+    assert index.refreshes_skipped == 3 and not torch.equal(index.engine.centroids, cents)
 
 
 def test_a_process_that_ends_during_a_background_rebuild_exits_cleanly():
@@ -513,7 +513,7 @@ def test_a_bulk_load_keeps_one_copy_of_the_vectors_and_is_searched_exactly():
     assert torch.equal(r.ids, i_true) and torch.allclose(r.distances, d_true)  # exact before the build
     index.build()
     index.upsert(torch.arange(10), x[:10] * 2, y[:10])
-    assert index.delta_size == 0 and index.engine.index.ntotal == 5010  # after the build: written in place
+    assert index.delta_size == 0 and index.engine.index.ntotal == 5000  # after the build: moved in place
 
 
 def test_a_float16_store_streams_like_a_float32_one():
@@ -544,7 +544,7 @@ def test_a_float16_store_streams_like_a_float32_one():
 def test_in_place_appends_to_a_list_that_fills_whole_fast_scan_blocks():
     """A fast-scan list of exactly a multiple of its block size in bytes: faiss' own add_entries copies
     past the list there, so the engine grows the list and packs codes itself. Every appended code must
-    read back as written, and the moved rows must be found through them."""
+    read back as written, and the new rows must be found through them."""
     faiss = pytest.importorskip("faiss")
     g = torch.Generator().manual_seed(9)
     x = torch.randn(256, DIM, generator=g)
@@ -554,13 +554,13 @@ def test_in_place_appends_to_a_list_that_fills_whole_fast_scan_blocks():
     index.build()
     inv = faiss.downcast_InvertedLists(index.engine.index.invlists)
     assert inv.list_size(0) == 128 and inv.packer.block_size == 128  # 32 codes of 4 bytes per block
+    new = torch.arange(256, 376)
+    v = torch.randn(120, DIM, generator=g) + 5.0
     for step in range(3):  # 128 -> 168 -> 208 -> 248 entries, crossing block boundaries
-        rows = torch.arange(step * 40, step * 40 + 40)
-        v = x[rows] + 5.0
-        index.upsert(rows, v, y[rows])
-        x[rows] = v
+        part = slice(step * 40, step * 40 + 40)
+        index.upsert(new[part], v[part], torch.zeros(40, dtype=torch.int64))
     assert inv.list_size(0) == 248
     ids = faiss.rev_swig_ptr(inv.get_ids(0), 248)
-    assert sorted(ids[128:].tolist()) == list(range(120))
-    r = index.search_other_class(x[:120], torch.ones(120, dtype=torch.int64), 1)
-    assert torch.equal(r.ids[:, 0], torch.arange(120)) and r.distances[:, 0].abs().max() < 1e-4
+    assert sorted(ids[128:].tolist()) == new.tolist()
+    r = index.search_other_class(v, torch.ones(120, dtype=torch.int64), 1)
+    assert torch.equal(r.ids[:, 0], new) and r.distances[:, 0].abs().max() < 1e-4

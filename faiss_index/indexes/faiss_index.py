@@ -3,9 +3,10 @@
 Every ``upsert`` writes the store, then brings the structure up to date in one of two ways:
 
 * in place (the CPU IVF engine, kinds "ivf" and "ivfpq", the CPU default): each written row is
-  assigned to the nearest list of its class and appended there at once, so searches see it through
-  the structure and nothing is searched exactly. The row's older entry stays in its old list until
-  the next rebuild; it can only propose the row, never decide its distance.
+  assigned to the nearest list of its class and its one entry is rewritten there or moved there at
+  once, so searches see it through the structure, nothing is searched exactly, and no older copy
+  is left behind. A periodic refresh is then only needed when the centroids no longer fit the data
+  (it is skipped otherwise).
 * through the :class:`DeltaBuffer` (every other engine, GPU included): the written rows' entries
   in the structure are stale and skipped, and the rows are searched exactly
   (:func:`knn_other_class`) in the delta until the next rebuild.
@@ -59,7 +60,8 @@ class FaissIndex(BaseIndex):
         num_classes: labels are 0..num_classes-1.
         kind: "flat", "ivf", "ivfpq", "hnsw" (CPU only) or "cagra" (CUDA with cuVS).
         device: "cpu" or "cuda[:N]"; "cuda" without an index spreads class shards over all GPUs.
-        refresh_every: rebuild the structure after this many upsert calls (0 = only on request).
+        refresh_every: rebuild the structure after this many upsert calls (0 = only on request); with
+            in-place updates the rebuild is skipped while the centroids still fit the data.
         background: rebuild in a thread and swap the new structure in ``refresh_every // 2`` upserts
             later (None: wherever the engine supports it, i.e. ivf / ivfpq on CPU).
         **params: see :class:`IndexParams` (nlist, nprobe, m, nbits, rerank, inplace, strategy, ...).
@@ -110,6 +112,7 @@ class FaissIndex(BaseIndex):
         self.delta = DeltaBuffer(dim, self.device)
         self._steps = 0
         self.last_refresh_s: float | None = None
+        self.refreshes_skipped = 0  # periodic refreshes skipped because the structure still fit the data
         # The CPU IVF engine rebuilds in a background thread (see _start_rebuild); others in the step.
         can = hasattr(self.engine, "build_prepared")
         if background and not can:
@@ -159,11 +162,23 @@ class FaissIndex(BaseIndex):
             # Rows written during a background rebuild: move a few into the new structure per call.
             self._write(self.delta.pop(max(4 * rows.numel(), _MIN_DRAIN)))
         if self.refresh_every and self._steps >= self.refresh_every:
-            if self.background:
+            if self._still_fits():
+                self._steps = 0
+                self.refreshes_skipped += 1
+            elif self.background:
                 self._start_rebuild()
             else:
                 self.refresh()
         return rows
+
+    def _still_fits(self) -> bool:
+        """Whether a periodic rebuild would change nothing that matters: in-place updates kept the
+        structure exact (one entry per row, nothing in the delta) and the engine says its centroids
+        and codebook still fit the data."""
+        if not (self.inplace and self.engine.built and len(self.delta) == 0 and hasattr(self.engine, "fits")):
+            return False
+        vectors, labels, _ = self.store.view()
+        return self.engine.fits(vectors, labels)
 
     def _write(self, rows: torch.Tensor) -> None:
         """Bring the structure up to date with store rows just written: in place where the engine can,

@@ -27,6 +27,7 @@ from ..kinds import default_nlist
 from ..quantizers.ivf import build_ivf, ivf_nbytes, search_preassigned
 from ..quantizers.kmeans import assign, kmeans, seeded_sample
 from ..quantizers.pq import encode_pq, pack_codes, pq_mse, train_pq
+from .row_lists import RowLists
 from .snapshot import Snapshot
 from .structure import Engine
 
@@ -38,10 +39,13 @@ __all__ = ["PartitionedIVF"]
 _PQ_TRAIN_ROWS = 16384
 # Retrain the PQ codebook at a refresh when its error on fresh data grew by more than this factor.
 _PQ_RETRAIN_RATIO = 1.2
-# Retrain the coarse centroids at a refresh when the rows written since the last refresh lie, on
+# A periodic refresh retrains the coarse centroids when the rows written since the last one lie, on
 # average, this much farther (squared distance) from their nearest centroid than the rows did when
-# the centroids were trained; otherwise the refresh only compacts the lists (see build_prepared).
+# the centroids were trained (or the PQ codebook's error grew as much); otherwise it is skipped,
+# since in-place updates keep the lists exact (see :meth:`PartitionedIVF.fits`).
 _DRIFT_RATIO = 1.2
+# Rows sampled to check the PQ codebook's error at a periodic refresh.
+_PQ_CHECK_ROWS = 4096
 
 
 class PartitionedIVF(Engine):
@@ -57,11 +61,10 @@ class PartitionedIVF(Engine):
         self.nlist_per_class = [0] * self.num_classes
         self._pq: dict | None = None  # codebook, its training error, packed codes per row
         self.pq_centroids: torch.Tensor | None = None  # (m, 2**nbits, D // m), encodes in-place updates
-        self.row_list = torch.empty(0, dtype=torch.int32)  # list of each row's newest entry, -1: none
+        self._lists: RowLists | None = None  # where each row's one entry is; edits the lists in place
         # quantisation error (mean squared distance to the nearest centroid) when the centroids were
-        # trained, and the running sum / count over rows written in place since the last refresh
+        # trained, and the running sum / count over rows written in place since then
         self._err = {"trained": None, "sum": 0.0, "count": 0}
-        self.last_build = None  # "train" or "compact": what the last build did
         self._resolve(counts=[0] * self.num_classes)
 
     # ------------------------------------------------------------------ parameters
@@ -100,42 +103,37 @@ class PartitionedIVF(Engine):
         exactly as it is here. A background caller saves each row into ``job["snapshot"]`` before
         writing it; the index writes those rows into the new structure after it is built.
         """
-        labels = labels.detach().to("cpu").clone()
-        return {"snapshot": Snapshot(vectors.detach()), "labels": labels,
-                "changed": None if changed is None else changed.detach().cpu().clone(),
-                "row_list": self.row_list[:labels.shape[0]].clone() if self._compactable(labels, changed) else None}
+        return {"snapshot": Snapshot(vectors.detach()), "labels": labels.detach().to("cpu").clone(),
+                "changed": None if changed is None else changed.detach().cpu().clone()}
 
-    def _compactable(self, labels: torch.Tensor, changed: torch.Tensor | None) -> bool:
-        """Whether a refresh may keep the centroids: the structure is built, every stored row has an
-        entry in it, each class keeps its number of lists, and the rows written since the last
-        refresh are not farther from their centroids than ``_DRIFT_RATIO`` times the training error."""
+    def fits(self, vectors: torch.Tensor, labels: torch.Tensor) -> bool:
+        """Whether a periodic refresh can be skipped: the structure is built and holds one entry for
+        every stored row (in-place updates keep it so), each class keeps its number of lists, the rows
+        written since the centroids were trained are not farther from them than ``_DRIFT_RATIO`` times
+        the training error, and the PQ codebook's error on a seeded sample has not grown as much."""
         n = labels.shape[0]
-        if not self.built or changed is None or self.row_list.shape[0] < n or self._err["trained"] is None:
+        if not self.built or self._lists is None or self._err["trained"] is None or self.index.ntotal != n:
             return False
-        if n and bool((self.row_list[:n] < 0).any()):
-            return False
-        counts = torch.bincount(labels, minlength=self.num_classes).tolist()
+        counts = torch.bincount(labels.cpu(), minlength=self.num_classes).tolist()
         nlists = [0 if c == 0 else (min(self.params.nlist, c) if self.params.nlist is not None else default_nlist(c))
                   for c in counts]
         if nlists != list(self.nlist_per_class):
             return False
         e = self._err
-        return e["count"] == 0 or e["sum"] / e["count"] <= _DRIFT_RATIO * e["trained"]
+        if e["count"] and e["sum"] / e["count"] > _DRIFT_RATIO * e["trained"]:
+            return False
+        if self._pq is not None:
+            pick = seeded_sample(n, _PQ_CHECK_ROWS, self.resolved["seed"] + 2 + e["count"])
+            if pq_mse(vectors[pick].to("cpu", torch.float32), self._pq["centroids"]) > _PQ_RETRAIN_RATIO * self._pq["mse"]:
+                return False
+        return True
 
     def build_prepared(self, job: dict) -> None:
         """Build from :meth:`prepare`'s snapshot (safe to run in a thread while searches use another copy).
 
-        Two kinds of build. While the data has not drifted (see :meth:`_compactable`) the refresh
-        keeps the centroids and every row in the list of its newest entry, and only rewrites the
-        lists without the older entries that in-place updates leave behind: no k-means and no
-        assignment, about a sixth of the work, so a background refresh barely touches the training
-        step. Otherwise the centroids are retrained (k-means from the previous ones) and every row
-        is assigned again.
+        The centroids are trained (k-means, from the previous ones at a refresh) and every row is
+        assigned to the nearest list of its class.
         """
-        if job.get("row_list") is not None:
-            self._compact(job)
-            return
-        faiss = self.faiss
         snap, labels = job["snapshot"], job["labels"]
         counts = torch.bincount(labels, minlength=self.num_classes).tolist()
         self._resolve(counts)
@@ -178,13 +176,6 @@ class PartitionedIVF(Engine):
         self._err = {"trained": err_sum / max(1, labels.shape[0]), "sum": 0.0, "count": 0}
         self._fill(job, list_no)
         self.resolved = {**r, "nlist_total": offset}
-        self.last_build = "train"
-
-    def _compact(self, job: dict) -> None:
-        """A refresh that keeps the centroids: each row goes to the list of its newest entry."""
-        self._fill(job, job["row_list"].to(torch.int64))
-        self._err = {**self._err, "sum": 0.0, "count": 0}  # a new dict: the engine in use keeps its own
-        self.last_build = "compact"
 
     def _fill(self, job: dict, list_no: torch.Tensor) -> None:
         """Write every row of the snapshot into list ``list_no[row]`` of a new faiss index over the
@@ -201,8 +192,8 @@ class PartitionedIVF(Engine):
             index, quantizer = build_ivf(faiss, "ivfpq", snap.vectors, self.centroids, list_no, ids, m=r["m"],
                                          nbits=r["nbits"], pq_centroids=pq_cent, codes=codes,
                                          fast_scan=r["nbits"] == 4)
-        self.list_size = torch.bincount(list_no, minlength=self.centroids.shape[0])
-        self.row_list = list_no.to(torch.int32)
+        self._lists = RowLists(faiss, index, labels.shape[0])
+        self.list_size = torch.from_numpy(self._lists.sizes)  # shares memory: in-place edits keep it current
         self.index, self._quantizer = index, quantizer
         self.ntotal = int(labels.shape[0])
         self.pq_centroids = pq_cent
@@ -213,13 +204,13 @@ class PartitionedIVF(Engine):
         """Write changed store rows into the built structure now, so no exact delta grows.
 
         Each row's new vector goes to the nearest list of its (new) class -- the centroids are
-        not retrained, that is what a refresh is for -- and is appended there with faiss id = row,
-        its PQ code computed with the current codebook. The row's older entry stays in its old list
-        until the next rebuild: a search may propose the row through either entry, and the exact
-        re-rank (fresh vector, fresh label, duplicates dropped) keeps every result correct.
+        not retrained, that is what a refresh is for -- with its PQ code from the current codebook:
+        rewritten in place when that is the list it was in, otherwise moved there (see
+        :class:`RowLists`). Every row keeps exactly one entry.
 
         rows (U,) int64 unique store rows; vectors (U, D); labels (U,). Returns the rows that could not
-        be placed (their class had no rows at the last build, so it has no lists), for the exact delta.
+        be placed (their class had no rows at the last build, so it has no lists), for the exact delta;
+        their old entries are removed.
         """
         if not self.built or rows.numel() == 0:
             return rows[:0] if self.built else rows
@@ -240,52 +231,20 @@ class PartitionedIVF(Engine):
             self._err["count"] += int(d.shape[0])
         placed = list_no >= 0
         if not placed.all():
+            self._lists.remove(rows_cpu[~placed].numpy())
             rows_cpu, x, list_no = rows_cpu[placed], x[placed], list_no[placed]
         if rows_cpu.numel():
-            self._append(rows_cpu, x, list_no)
-        return rows[~placed.to(rows.device)]
-
-    def _append(self, rows: torch.Tensor, x: torch.Tensor, list_no: torch.Tensor) -> None:
-        """Append entries (faiss id = row) to the given inverted lists of the live faiss index."""
-        faiss = self.faiss
-        if self.kind == "ivf":
-            codes = np.ascontiguousarray(x.numpy()).view(np.uint8)
-        else:
-            codes = pack_codes(encode_pq(x, self.pq_centroids), self.resolved["nbits"])
-            if self._pq is not None:  # keep the cached codes current, so the next refresh reuses them
-                cache = self._pq["codes"]
-                inside = rows < cache.shape[0]
-                cache[rows[inside].numpy()] = codes[inside.numpy()]
-        order = torch.argsort(list_no, stable=True)
-        lists, counts = torch.unique_consecutive(list_no[order], return_counts=True)
-        ids = np.ascontiguousarray(rows[order].numpy(), dtype=np.int64)
-        codes = np.ascontiguousarray(codes[order.numpy()])
-        invlists = self.index.invlists
-        packer = getattr(faiss.downcast_InvertedLists(invlists), "packer", None)
-        start = 0
-        for lno, cnt in zip(lists.tolist(), counts.tolist()):
-            chunk = codes[start:start + cnt]
-            if packer is None:
-                invlists.add_entries(lno, cnt, faiss.swig_ptr(ids[start:start + cnt]), faiss.swig_ptr(chunk))
+            if self.kind == "ivf":
+                codes = np.ascontiguousarray(x.numpy()).view(np.uint8)
             else:
-                # Fast-scan lists keep codes in interleaved blocks. Their add_entries copies whole blocks
-                # past the end of the list when its size is a multiple of the block size in bytes
-                # (faiss 1.15), so the list is grown here and the new codes packed in place.
-                o = invlists.list_size(lno)
-                invlists.resize(lno, o + cnt)
-                faiss.rev_swig_ptr(invlists.get_ids(lno), o + cnt)[o:] = ids[start:start + cnt]
-                block = invlists.get_codes(lno)
-                for i in range(cnt):
-                    packer.pack_1_c(faiss.swig_ptr(chunk[i]), o + i, block)
-            start += cnt
-        self.index.ntotal += len(ids)
-        self.list_size = self.list_size + torch.bincount(list_no, minlength=self.list_size.shape[0])
-        self.ntotal = max(self.ntotal, int(rows.max()) + 1)
-        if self.row_list.shape[0] < self.ntotal:
-            grown = torch.full((max(self.ntotal, 2 * self.row_list.shape[0]),), -1, dtype=torch.int32)
-            grown[:self.row_list.shape[0]] = self.row_list
-            self.row_list = grown
-        self.row_list[rows] = list_no.to(torch.int32)
+                codes = pack_codes(encode_pq(x, self.pq_centroids), self.resolved["nbits"])
+                if self._pq is not None:  # keep the cached codes current, so the next refresh reuses them
+                    cache = self._pq["codes"]
+                    inside = rows_cpu < cache.shape[0]
+                    cache[rows_cpu[inside].numpy()] = codes[inside.numpy()]
+            self._lists.write(rows_cpu.numpy(), list_no.numpy(), codes)
+            self.ntotal = max(self.ntotal, int(rows_cpu.max()) + 1)
+        return rows[~placed.to(rows.device)]
 
     def _codes_for(self, snap: Snapshot, changed: torch.Tensor | None, sample: torch.Tensor):
         """PQ codebook and packed codes (N, code_size) uint8 of every row.
@@ -349,7 +308,7 @@ class PartitionedIVF(Engine):
         if self.index is None:
             return 0
         cached = self._pq["codes"].nbytes if self._pq is not None else 0
-        return ivf_nbytes(self.index) + self.centroids.numel() * 4 + cached + self.row_list.numel() * 4
+        return ivf_nbytes(self.index) + self.centroids.numel() * 4 + cached + self._lists.nbytes()
 
     def save(self, folder: Path) -> dict:
         if self.index is None:
@@ -369,8 +328,8 @@ class PartitionedIVF(Engine):
         self.centroids = torch.from_numpy(q.reconstruct_n(0, q.ntotal).copy())
         self.list_class = torch.cat([torch.full((n,), c, dtype=torch.int64)
                                      for c, n in enumerate(self.nlist_per_class)])
-        inv = ivf.invlists
-        self.list_size = torch.tensor([inv.list_size(i) for i in range(ivf.nlist)], dtype=torch.int64)
+        self._lists = RowLists(faiss, ivf, int(meta["ntotal"]))
+        self.list_size = torch.from_numpy(self._lists.sizes)
         self._c_sq = (self.centroids * self.centroids).sum(1)
         self.index, self._quantizer = index, None
         self.pq_centroids = None
