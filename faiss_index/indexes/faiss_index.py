@@ -177,8 +177,7 @@ class FaissIndex(BaseIndex):
         and codebook still fit the data."""
         if not (self.inplace and self.engine.built and len(self.delta) == 0 and hasattr(self.engine, "fits")):
             return False
-        vectors, labels, _ = self.store.view()
-        return self.engine.fits(vectors, labels)
+        return self.engine.fits(self.store.view()[1])
 
     def _write(self, rows: torch.Tensor) -> None:
         """Bring the structure up to date with store rows just written: in place where the engine can,

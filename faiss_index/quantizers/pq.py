@@ -17,7 +17,7 @@ from .kmeans import seeded_sample
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["train_pq", "encode_pq", "pack_codes", "pq_mse"]
+__all__ = ["pq_errors", "train_pq", "encode_pq", "pack_codes", "pq_mse"]
 
 _ENCODE_ROWS = 4096
 
@@ -103,12 +103,16 @@ def encode_pq(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def pq_errors(x: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Squared reconstruction error (N,) of x (N, D) float32 encoded as codes (N, M) under (M, K, dsub)."""
+    m = centroids.shape[0]
+    recon = centroids[torch.arange(m, device=x.device).unsqueeze(0), codes.long()]  # (N, M, dsub)
+    return ((recon.reshape(x.shape) - x) ** 2).sum(1)
+
+
 def pq_mse(x: torch.Tensor, centroids: torch.Tensor) -> float:
     """Mean squared reconstruction error of x (N, D) under the codebook (M, K, dsub)."""
-    codes = encode_pq(x, centroids).long()  # (N, M)
-    m = centroids.shape[0]
-    recon = centroids[torch.arange(m, device=x.device).unsqueeze(0), codes]  # (N, M, dsub)
-    return float(((recon.reshape(x.shape) - x) ** 2).sum(1).mean())
+    return float(pq_errors(x, encode_pq(x, centroids), centroids).mean())
 
 
 def pack_codes(codes: torch.Tensor, nbits: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from ..errors import IndexInputError
 from ..kinds import default_nlist
 from ..quantizers.ivf import build_ivf, ivf_nbytes, search_preassigned
 from ..quantizers.kmeans import assign, kmeans, seeded_sample
-from ..quantizers.pq import encode_pq, pack_codes, pq_mse, train_pq
+from ..quantizers.pq import encode_pq, pack_codes, pq_errors, pq_mse, train_pq
 from .row_lists import RowLists
 from .snapshot import Snapshot
 from .structure import Engine
@@ -44,8 +44,6 @@ _PQ_RETRAIN_RATIO = 1.2
 # the centroids were trained (or the PQ codebook's error grew as much); otherwise it is skipped,
 # since in-place updates keep the lists exact (see :meth:`PartitionedIVF.fits`).
 _DRIFT_RATIO = 1.2
-# Rows sampled to check the PQ codebook's error at a periodic refresh.
-_PQ_CHECK_ROWS = 4096
 
 
 class PartitionedIVF(Engine):
@@ -62,9 +60,10 @@ class PartitionedIVF(Engine):
         self._pq: dict | None = None  # codebook, its training error, packed codes per row
         self.pq_centroids: torch.Tensor | None = None  # (m, 2**nbits, D // m), encodes in-place updates
         self._lists: RowLists | None = None  # where each row's one entry is; edits the lists in place
-        # quantisation error (mean squared distance to the nearest centroid) when the centroids were
-        # trained, and the running sum / count over rows written in place since then
-        self._err = {"trained": None, "sum": 0.0, "count": 0}
+        # coarse quantisation error (mean squared distance to the nearest centroid) when the centroids
+        # were trained, and the running sums over rows written in place since then, of it and of the
+        # PQ reconstruction error (compared with the codebook's own, self._pq["mse"])
+        self._err = {"trained": None, "sum": 0.0, "count": 0, "pq_sum": 0.0}
         self._resolve(counts=[0] * self.num_classes)
 
     # ------------------------------------------------------------------ parameters
@@ -106,11 +105,12 @@ class PartitionedIVF(Engine):
         return {"snapshot": Snapshot(vectors.detach()), "labels": labels.detach().to("cpu").clone(),
                 "changed": None if changed is None else changed.detach().cpu().clone()}
 
-    def fits(self, vectors: torch.Tensor, labels: torch.Tensor) -> bool:
+    def fits(self, labels: torch.Tensor) -> bool:
         """Whether a periodic refresh can be skipped: the structure is built and holds one entry for
         every stored row (in-place updates keep it so), each class keeps its number of lists, the rows
         written since the centroids were trained are not farther from them than ``_DRIFT_RATIO`` times
-        the training error, and the PQ codebook's error on a seeded sample has not grown as much."""
+        the training error, and their PQ reconstruction error has not grown as much either. Costs a
+        label count, nothing more: the errors are summed as rows are written."""
         n = labels.shape[0]
         if not self.built or self._lists is None or self._err["trained"] is None or self.index.ntotal != n:
             return False
@@ -120,13 +120,11 @@ class PartitionedIVF(Engine):
         if nlists != list(self.nlist_per_class):
             return False
         e = self._err
-        if e["count"] and e["sum"] / e["count"] > _DRIFT_RATIO * e["trained"]:
+        if not e["count"]:
+            return True
+        if e["sum"] / e["count"] > _DRIFT_RATIO * e["trained"]:
             return False
-        if self._pq is not None:
-            pick = seeded_sample(n, _PQ_CHECK_ROWS, self.resolved["seed"] + 2 + e["count"])
-            if pq_mse(vectors[pick].to("cpu", torch.float32), self._pq["centroids"]) > _PQ_RETRAIN_RATIO * self._pq["mse"]:
-                return False
-        return True
+        return self._pq is None or e["pq_sum"] / e["count"] <= _PQ_RETRAIN_RATIO * self._pq["mse"]
 
     def build_prepared(self, job: dict) -> None:
         """Build from :meth:`prepare`'s snapshot (safe to run in a thread while searches use another copy).
@@ -173,7 +171,7 @@ class PartitionedIVF(Engine):
         self.centroids = torch.cat(cents)
         self.list_class = torch.cat(list_class)
         self._c_sq = (self.centroids * self.centroids).sum(1)
-        self._err = {"trained": err_sum / max(1, labels.shape[0]), "sum": 0.0, "count": 0}
+        self._err = {"trained": err_sum / max(1, labels.shape[0]), "sum": 0.0, "count": 0, "pq_sum": 0.0}
         self._fill(job, list_no)
         self.resolved = {**r, "nlist_total": offset}
 
@@ -237,7 +235,9 @@ class PartitionedIVF(Engine):
             if self.kind == "ivf":
                 codes = np.ascontiguousarray(x.numpy()).view(np.uint8)
             else:
-                codes = pack_codes(encode_pq(x, self.pq_centroids), self.resolved["nbits"])
+                raw = encode_pq(x, self.pq_centroids)
+                self._err["pq_sum"] += float(pq_errors(x, raw, self.pq_centroids).sum())
+                codes = pack_codes(raw, self.resolved["nbits"])
                 if self._pq is not None:  # keep the cached codes current, so the next refresh reuses them
                     cache = self._pq["codes"]
                     inside = rows_cpu < cache.shape[0]
