@@ -56,12 +56,20 @@ def thread_env() -> dict[str, str]:
 
 
 def faiss_simd() -> str | None:
-    """Which SIMD build of faiss's library was loaded (faiss picks the best one its wheel ships).
+    """Which SIMD code paths the loaded faiss uses, without importing faiss (None before it is loaded).
 
-    Read from the loaded modules, without importing faiss: None before faiss was loaded. "generic"
+    faiss >= 1.12 wheels are one library with dynamic dispatch (``SIMDConfig`` names the level in
+    use, e.g. "AVX2"); older wheels ship one module per level (``swigfaiss_avx2``...). "generic"
     means no AVX2/AVX-512 code paths, which slows flat scans and PQ fast-scan a lot."""
-    if "faiss" not in sys.modules:
+    faiss = sys.modules.get("faiss")
+    if faiss is None:
         return None
+    config = getattr(faiss, "SIMDConfig", None)
+    if config is not None and hasattr(config, "get_level_name"):
+        try:
+            return str(config.get_level_name()).lower()
+        except Exception:  # noqa: BLE001 - a build without dispatch: fall back to the module names
+            pass
     for level in ("avx512_spr", "avx512", "avx2", "sve"):
         if f"faiss.swigfaiss_{level}" in sys.modules:
             return level

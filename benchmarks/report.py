@@ -58,7 +58,7 @@ def machine_lines(result: dict) -> list[str]:
     m = result["machine"]
     gpu = m.get("gpu")
     gpu_text = f"{gpu['name']} ({gpu['memory_gb']} GiB) x{gpu['count']}" if gpu else "none"
-    simd = f" ({result['faiss_simd']} SIMD build loaded)" if result.get("faiss_simd") else ""
+    simd = f" (SIMD: {result['faiss_simd']})" if result.get("faiss_simd") else ""
     return [
         f"- machine: {m.get('cpu')}, {m.get('cores')} cores ({m.get('torch_threads')} torch threads), "
         f"{m.get('memory_gb')} GiB RAM, GPU: {gpu_text}",

@@ -187,6 +187,9 @@ def test_stream_records_every_step_and_a_rerun_keeps_finished_rows(tmp_path):
         assert r["max_ms"] >= r["p50_ms"] > 0 and r["exact_ms"] > 0
         assert 0.0 <= r["recall_min"] <= r["recall_at_1"] <= 1.0
         assert r["peak_rss_mb"] is None or r["peak_rss_mb"] > 0
+        # the refresh at step 4 was either skipped or rebuilt and swapped in at step 6
+        assert r["rebuilds"] + r["refreshes_skipped"] >= 1 and f"{r['rebuilds']} ({r['refreshes_skipped']} skipped)" \
+            in (tmp_path / "stream.md").read_text()
     assert {g["goal"].split(":")[0] for g in res["goals"]} == set()  # goals are stated at N = 1M and 10M only
     assert (tmp_path / "stream.md").exists() and (tmp_path / "stream.png").read_bytes()[:4] == b"\x89PNG"
     again = CliRunner().invoke(main, args)

@@ -112,6 +112,7 @@ class FaissIndex(BaseIndex):
         self.delta = DeltaBuffer(dim, self.device)
         self._steps = 0
         self.last_refresh_s: float | None = None
+        self.rebuilds = 0  # structures built (in this thread or swapped in from the background)
         self.refreshes_skipped = 0  # periodic refreshes skipped because the structure still fit the data
         # The CPU IVF engine rebuilds in a background thread (see _start_rebuild); others in the step.
         can = hasattr(self.engine, "build_prepared")
@@ -220,6 +221,7 @@ class FaissIndex(BaseIndex):
         self.engine = job.engine
         self.delta = job.since
         self.last_refresh_s = job.seconds
+        self.rebuilds += 1
         self._update_params()
         LOG.debug("swapped in the %s structure rebuilt in the background in %.3f s", self.kind, job.seconds)
 
@@ -273,6 +275,7 @@ class FaissIndex(BaseIndex):
         self.delta.clear()
         self._steps = 0
         self.last_refresh_s = time.perf_counter() - t0
+        self.rebuilds += 1
         self._update_params()
         LOG.debug("refreshed %s index of %d rows in %.3f s", self.kind, len(self), self.last_refresh_s)
 
