@@ -21,6 +21,7 @@ KINDS = ("exact", "flat", "ivf", "ivfpq", "hnsw", "cagra")
 FAISS_KINDS = KINDS[1:]
 IVF_KINDS = ("ivf", "ivfpq")  # inverted lists over coarse centroids trained in torch
 STRATEGIES = ("auto", "sharded", "global")
+RETRAIN = ("drift", "always")
 
 # Sub-quantizer counts accepted by faiss' GPU IVF-PQ.
 GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
@@ -91,6 +92,8 @@ class IndexParams:
     multi_gpu: bool = True          # with device "cuda", spread class shards over all visible GPUs
     store_dtype: str = "float32"    # "float16" halves the stored vectors (re-ranking reads them back as float32)
     inplace: bool | None = None     # CPU ivf/ivfpq: write upserted rows into the lists at once (None: where supported)
+    retrain: str = "drift"          # periodic refresh with in-place updates: "drift" (only when the centroids
+                                    # no longer fit the data) or "always"
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -111,6 +114,8 @@ class IndexParams:
                 raise IndexInputError(f"{name} must be a positive integer, got {v!r}.")
         if p.inplace is not None and not isinstance(p.inplace, bool):
             raise IndexInputError(f"inplace must be true or false, got {p.inplace!r}.")
+        if p.retrain not in RETRAIN:
+            raise IndexInputError(f"retrain must be one of {', '.join(RETRAIN)}, got {p.retrain!r}.")
         if p.strategy not in STRATEGIES:
             raise IndexInputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {p.strategy!r}.")
         if p.nbits is not None and p.nbits > 8:

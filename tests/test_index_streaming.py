@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from faiss_index import FaissIndex, make_index
+from faiss_index.errors import IndexInputError
 from faiss_index.synthetic import clustered
 
 pytest.importorskip("faiss")
@@ -480,6 +481,18 @@ def test_periodic_refreshes_are_skipped_until_the_data_drifts(kind):
     index.upsert(torch.arange(3000), x * 3, y)
     index.upsert(torch.arange(10), x[:10] * 3, y[:10])
     assert index.refreshes_skipped == 3 and not torch.equal(index.engine.centroids, cents)
+
+
+def test_retrain_always_rebuilds_at_every_periodic_refresh():
+    x, y = base_data(n=2000, seed=12)
+    index = make_index("ivfpq", DIM, 3, refresh_every=2, background=False, retrain="always")
+    index.upsert(torch.arange(2000), x, y)
+    index.build()
+    for _ in range(6):  # no drift at all: the same vectors again
+        index.upsert(torch.arange(100), x[:100], y[:100])
+    assert index.refreshes_skipped == 0 and index.rebuilds == 1 + 3 and index.params["retrain"] == "always"
+    with pytest.raises(IndexInputError, match="retrain must be one of drift, always"):
+        make_index("ivfpq", DIM, 3, retrain="sometimes")
 
 
 def test_a_process_that_ends_during_a_background_rebuild_exits_cleanly():

@@ -61,7 +61,8 @@ class FaissIndex(BaseIndex):
         kind: "flat", "ivf", "ivfpq", "hnsw" (CPU only) or "cagra" (CUDA with cuVS).
         device: "cpu" or "cuda[:N]"; "cuda" without an index spreads class shards over all GPUs.
         refresh_every: rebuild the structure after this many upsert calls (0 = only on request); with
-            in-place updates the rebuild is skipped while the centroids still fit the data.
+            in-place updates the rebuild is skipped while the centroids still fit the data (unless
+            the parameter ``retrain`` is "always").
         background: rebuild in a thread and swap the new structure in ``refresh_every // 2`` upserts
             later (None: wherever the engine supports it, i.e. ivf / ivfpq on CPU).
         **params: see :class:`IndexParams` (nlist, nprobe, m, nbits, rerank, inplace, strategy, ...).
@@ -131,7 +132,8 @@ class FaissIndex(BaseIndex):
     # ------------------------------------------------------------------ bookkeeping
     def _update_params(self) -> None:
         self.params = {"strategy": self.strategy, "refresh_every": self.refresh_every,
-                       "store_dtype": self.store.dtype_name, "inplace": self.inplace, **self.engine.resolved}
+                       "store_dtype": self.store.dtype_name, "inplace": self.inplace,
+                       "retrain": self._user_params.retrain, **self.engine.resolved}
 
     @property
     def delta_size(self) -> int:
@@ -176,7 +178,8 @@ class FaissIndex(BaseIndex):
         """Whether a periodic rebuild would change nothing that matters: in-place updates kept the
         structure exact (one entry per row, nothing in the delta) and the engine says its centroids
         and codebook still fit the data."""
-        if not (self.inplace and self.engine.built and len(self.delta) == 0 and hasattr(self.engine, "fits")):
+        if self._user_params.retrain == "always" or not (
+                self.inplace and self.engine.built and len(self.delta) == 0 and hasattr(self.engine, "fits")):
             return False
         return self.engine.fits(self.store.view()[1])
 
