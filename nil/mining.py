@@ -77,7 +77,7 @@ class DistractorMiner:
             self.index = shard(self.index)
         self.steps = 0
         self.timings = {"mining_ms": 0.0, "upsert_ms": 0.0, "refresh_s": 0.0, "audits": 0, "audit_hits": 0,
-                        "comm_bytes": 0}
+                        "comm_bytes": 0, "rebuilds": 0, "refreshes_skipped": 0}
 
     def reset_timings(self) -> dict:
         """Return the timings gathered since the last reset, averaged per step."""
@@ -92,6 +92,8 @@ class DistractorMiner:
             out["comm_bytes_per_step"] = sent / steps
         if t["audits"]:
             out["audit_recall_at_1"] = t["audit_hits"] / t["audits"]
+        if hasattr(self.index, "refreshes_skipped"):  # an approximate index: did its periodic refreshes rebuild?
+            out["rebuilds"], out["refreshes_skipped"] = t["rebuilds"], t["refreshes_skipped"]
         self.timings = {k: 0 for k in t}
         self.steps = 0
         return out
@@ -169,7 +171,10 @@ class DistractorMiner:
             return
         start = time.perf_counter()
         refresh_before = getattr(self.index, "last_refresh_s", 0.0)
+        built, skipped = getattr(self.index, "rebuilds", 0), getattr(self.index, "refreshes_skipped", 0)
         self.index.upsert(ids, z, labels)
+        self.timings["rebuilds"] += getattr(self.index, "rebuilds", 0) - built
+        self.timings["refreshes_skipped"] += getattr(self.index, "refreshes_skipped", 0) - skipped
         refreshed = getattr(self.index, "last_refresh_s", 0.0)
         if refreshed != refresh_before:
             self.timings["refresh_s"] += refreshed

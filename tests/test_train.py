@@ -70,10 +70,12 @@ def test_every_loss_and_mining_mode_trains(tmp_path, tiny_npz, kw):
 
 def test_faiss_mining_recall_is_audited_by_default(tmp_path, tiny_npz):
     """Every epoch's metrics line shows the audited recall@1 of --ann faiss without any option."""
-    train(quick(tmp_path, tiny_npz, epochs=2, ann="faiss", ann_index="ivf"))
+    train(quick(tmp_path, tiny_npz, epochs=2, ann="faiss", ann_index="ivf", refresh_every=2))
     lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2
     assert all(0.0 <= line["mining"]["audit_recall_at_1"] <= 1.0 for line in lines)
+    # and whether the periodic refreshes rebuilt the structure or were skipped (it still fit)
+    assert sum(line["mining"]["rebuilds"] + line["mining"]["refreshes_skipped"] for line in lines) >= 1
 
 
 def test_warmup_keeps_the_distractor_term_off(tmp_path, tiny_npz):
