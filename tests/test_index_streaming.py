@@ -185,28 +185,31 @@ def test_a_background_rebuild_is_swapped_in_at_a_fixed_step_and_newer_rows_stay_
     assert (r.distances[:, 0] >= want.distances[:, 0] - 1e-5).all()  # never closer than the truth: fresh vectors
 
 
+def stream_searches(n, seed, refresh_every, steps, batch, generator_seed):
+    """Search then upsert moved rows, step by step, with a background rebuild at every periodic
+    refresh (retrain="always": small moves alone would skip them). Returns every step's (ids,
+    distances) and the index."""
+    x, y = base_data(n=n, seed=seed)
+    index = make_index("ivfpq", DIM, 3, refresh_every=refresh_every, retrain="always")
+    assert index.background
+    index.upsert(torch.arange(n), x, y)
+    index.build()
+    g = torch.Generator().manual_seed(generator_seed)
+    out = []
+    for _ in range(steps):
+        rows = torch.randperm(n, generator=g)[:batch]
+        v = x[rows] + 0.05 * torch.randn(batch, DIM, generator=g)
+        r = index.search_other_class(v, y[rows], 2, query_ids=rows)
+        out.append((r.ids, r.distances))
+        index.upsert(rows, v, y[rows])
+        x[rows] = v
+    assert index.rebuilds >= 2  # the build, and at least one rebuild swapped in from the background
+    return out, index
+
+
 def test_background_rebuilds_are_reproducible():
-    x, y = base_data(n=2000, seed=5)
-
-    def stream(background):
-        index = make_index("ivfpq", DIM, 3, refresh_every=8, background=background)
-        index.upsert(torch.arange(2000), x, y)
-        index.build()
-        g = torch.Generator().manual_seed(1)
-        out = []
-        for step in range(40):
-            rows = torch.randperm(2000, generator=g)[:64]
-            v = x[rows] + 0.05 * torch.randn(64, DIM, generator=g)
-            r = index.search_other_class(v, y[rows], 2, query_ids=rows)
-            out.append((r.ids, r.distances))
-            index.upsert(rows, v, y[rows])
-            x[rows] = v
-        return out
-
-    x0 = x.clone()
-    a = stream(True)
-    x.copy_(x0)
-    b = stream(True)
+    a, _ = stream_searches(2000, 5, 8, 40, 64, 1)
+    b, _ = stream_searches(2000, 5, 8, 40, 64, 1)
     assert all(torch.equal(i, j) and torch.equal(d, e) for (i, d), (j, e) in zip(a, b))
 
 
@@ -243,25 +246,7 @@ def test_the_swapped_structure_does_not_depend_on_how_far_the_thread_got(monkeyp
     after the swap are identical (each write batch is applied once, in order)."""
     from faiss_index.streaming.partitioned_ivf import PartitionedIVF
 
-    x0, y = base_data(n=1500, seed=8)
-
-    def stream():
-        x = x0.clone()
-        index = make_index("ivfpq", DIM, 3, refresh_every=6)
-        index.upsert(torch.arange(1500), x, y)
-        index.build()
-        g = torch.Generator().manual_seed(2)
-        out = []
-        for _ in range(20):
-            rows = torch.randperm(1500, generator=g)[:50]
-            v = x[rows] + 0.05 * torch.randn(50, DIM, generator=g)
-            r = index.search_other_class(v, y[rows], 2, query_ids=rows)
-            out.append((r.ids, r.distances))
-            index.upsert(rows, v, y[rows])
-            x[rows] = v
-        return out
-
-    fast = stream()
+    fast, first = stream_searches(1500, 8, 6, 20, 50, 2)
     build = PartitionedIVF.build_prepared
 
     def slow(self, job):
@@ -269,8 +254,10 @@ def test_the_swapped_structure_does_not_depend_on_how_far_the_thread_got(monkeyp
         build(self, job)
 
     monkeypatch.setattr(PartitionedIVF, "build_prepared", slow)
-    late = stream()
+    late, second = stream_searches(1500, 8, 6, 20, 50, 2)
     assert all(torch.equal(i, j) and torch.equal(d, e) for (i, d), (j, e) in zip(fast, late))
+    # the slow build read the store after the rows written meanwhile, and still saw it as it was
+    assert torch.equal(first.engine.centroids, second.engine.centroids)
 
 
 @pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are a POSIX feature")
