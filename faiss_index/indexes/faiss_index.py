@@ -162,7 +162,8 @@ class FaissIndex(BaseIndex):
         if self._job is not None and self._steps >= self._job.swap_at:
             self._finish_rebuild()
         if self.inplace and self.engine.built and len(self.delta):
-            # Rows written during a background rebuild: move a few into the new structure per call.
+            # Rows in the delta of an in-place engine (loaded with a saved index, or whose class had no
+            # lists): try a few into the structure per call.
             self._write(self.delta.pop(max(4 * rows.numel(), _MIN_DRAIN)))
         if self.refresh_every and self._steps >= self.refresh_every:
             if self._still_fits():

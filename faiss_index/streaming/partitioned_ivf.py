@@ -67,11 +67,14 @@ class PartitionedIVF(Engine):
         self._resolve(counts=[0] * self.num_classes)
 
     # ------------------------------------------------------------------ parameters
+    def _lists_per_class(self, counts: list[int]) -> list[int]:
+        """Lists per class shard: the user's nlist (capped by the class size) or about sqrt(n_c)."""
+        nlist = self.params.nlist
+        return [0 if n == 0 else (min(nlist, n) if nlist is not None else default_nlist(n)) for n in counts]
+
     def _resolve(self, counts: list[int]) -> None:
         p = self.params
-        # Lists per class shard: the user's nlist (capped by the class size) or about sqrt(n_c).
-        per_class = [0 if n == 0 else (min(p.nlist, n) if p.nlist is not None else default_nlist(n))
-                     for n in counts]
+        per_class = self._lists_per_class(counts)
         nlist = max(per_class) if any(per_class) else (p.nlist or 1)
         m = p.m if p.m is not None else self.dim
         nbits = p.nbits if p.nbits is not None else 4
@@ -118,9 +121,7 @@ class PartitionedIVF(Engine):
         if not self.built or self._lists is None or self._err["trained"] is None or self.index.ntotal != n:
             return False
         counts = torch.bincount(labels.cpu(), minlength=self.num_classes).tolist()
-        nlists = [0 if c == 0 else (min(self.params.nlist, c) if self.params.nlist is not None else default_nlist(c))
-                  for c in counts]
-        if nlists != list(self.nlist_per_class):
+        if self._lists_per_class(counts) != list(self.nlist_per_class):
             return False
         e = self._err
         if not e["count"]:
