@@ -94,6 +94,9 @@ class IndexParams:
     inplace: bool | None = None     # CPU ivf/ivfpq: write upserted rows into the lists at once (None: where supported)
     retrain: str = "drift"          # periodic refresh with in-place updates: "drift" (only when the centroids
                                     # no longer fit the data) or "always"
+    probe_recall: float = 0.99      # CPU ivf/ivfpq without nprobe: each build raises nprobe until this share of
+                                    # a sample of stored rows has its exact nearest other-class row in a probed
+                                    # list (0: the fixed default nprobe)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -114,6 +117,9 @@ class IndexParams:
                 raise IndexInputError(f"{name} must be a positive integer, got {v!r}.")
         if p.inplace is not None and not isinstance(p.inplace, bool):
             raise IndexInputError(f"inplace must be true or false, got {p.inplace!r}.")
+        if isinstance(p.probe_recall, bool) or not isinstance(p.probe_recall, (int, float)) \
+                or not 0 <= p.probe_recall <= 1:
+            raise IndexInputError(f"probe_recall must be a number in [0, 1], got {p.probe_recall!r}.")
         if p.retrain not in RETRAIN:
             raise IndexInputError(f"retrain must be one of {', '.join(RETRAIN)}, got {p.retrain!r}.")
         if p.strategy not in STRATEGIES:

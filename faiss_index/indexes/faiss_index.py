@@ -133,7 +133,8 @@ class FaissIndex(BaseIndex):
     def _update_params(self) -> None:
         self.params = {"strategy": self.strategy, "refresh_every": self.refresh_every,
                        "store_dtype": self.store.dtype_name, "inplace": self.inplace,
-                       "retrain": self._user_params.retrain, **self.engine.resolved}
+                       "retrain": self._user_params.retrain, "probe_recall": self._user_params.probe_recall,
+                       **self.engine.resolved}
 
     @property
     def delta_size(self) -> int:

@@ -17,11 +17,13 @@ class c, and every list is class-pure. A query is answered by
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..engines.exact import knn_other_class
 from ..errors import IndexInputError
 from ..kinds import default_nlist
 from ..quantizers.ivf import build_ivf, ivf_nbytes, search_preassigned
@@ -44,6 +46,11 @@ _PQ_RETRAIN_RATIO = 1.2
 # the centroids were trained (or the PQ codebook's error grew as much); otherwise it is skipped,
 # since in-place updates keep the lists exact (see :meth:`PartitionedIVF.fits`).
 _DRIFT_RATIO = 1.2
+# nprobe calibration (:meth:`PartitionedIVF._calibrate`): stored rows searched exactly per build, rows of
+# the store scored at once, and the most lists probed, as a multiple of the default nprobe.
+_CALIBRATION_ROWS = 256
+_CALIBRATION_CHUNK = 1 << 16
+_NPROBE_CAP = 16
 
 
 class PartitionedIVF(Engine):
@@ -178,6 +185,43 @@ class PartitionedIVF(Engine):
         self._err = {"trained": err_sum / max(1, labels.shape[0]), "sum": 0.0, "count": 0, "pq_sum": 0.0}
         self._fill(job, list_no)
         self.resolved = {**r, "nlist_total": offset}
+        self._calibrate(snap, labels, list_no)
+
+    def _calibrate(self, snap: Snapshot, labels: torch.Tensor, list_no: torch.Tensor) -> None:
+        """Choose nprobe from the data: the fewest lists (at least the default, at most
+        ``_NPROBE_CAP`` times it) that hold the exact nearest other-class row of ``probe_recall`` of a
+        seeded sample of stored rows, each searched as a query. How far the default falls short
+        depends on the embeddings: synthetic clusters need about 26 lists, a trained network's more
+        (see ``probe_mining.md``). Costs one exact search of the sample over the snapshot, in the
+        build's thread. Sets ``resolved["nprobe"]`` and the sample's share found at it.
+        """
+        r, target = self.resolved, float(self.params.probe_recall)
+        if self.params.nprobe is not None or target <= 0:
+            return
+        n = labels.shape[0]
+        rows = seeded_sample(n, _CALIBRATION_ROWS, r["seed"] + 3)
+        xq, yq = snap.read(rows), labels[rows]
+        best_d = torch.full((rows.shape[0],), float("inf"))
+        best_i = torch.full((rows.shape[0],), -1, dtype=torch.int64)
+        for s in range(0, n, _CALIBRATION_CHUNK):
+            ids = torch.arange(s, min(n, s + _CALIBRATION_CHUNK))
+            d, i = knn_other_class(xq, yq, snap.read(ids), labels[ids], 1, qid=rows, bid=ids)
+            better = d[:, 0] < best_d
+            best_d[better], best_i[better] = d[better, 0], i[better, 0] + s
+        has = best_i >= 0
+        if not bool(has.any()):
+            return
+        score = self._list_scores(xq[has], yq[has], same_class=False)
+        truth = score.gather(1, list_no[best_i[has]].unsqueeze(1))
+        needed = (score < truth).sum(1) + 1  # lists probed up to and including the true row's list
+        k = max(1, math.ceil(target * needed.shape[0]))
+        want = int(needed.sort().values[k - 1])
+        nprobe = min(max(r["nprobe"], want), _NPROBE_CAP * r["nprobe"], int(self.list_size.gt(0).sum()))
+        r["nprobe"] = nprobe
+        r["probe_recall_sampled"] = round(float((needed <= nprobe).float().mean()), 4)
+        if want > nprobe:
+            LOG.info("nprobe %d (the cap) finds the nearest other-class row's list for %.3f of %d sampled rows, "
+                     "below probe_recall %.3f", nprobe, r["probe_recall_sampled"], needed.shape[0], target)
 
     def _fill(self, job: dict, list_no: torch.Tensor) -> None:
         """Write every row of the snapshot into list ``list_no[row]`` of a new faiss index over the
@@ -294,18 +338,23 @@ class PartitionedIVF(Engine):
         if not self.built:
             return torch.empty(nq, 0), torch.empty(nq, 0, dtype=torch.int64)
         xq = xq.to("cpu", torch.float32).contiguous()
-        yq = yq.to("cpu")
-        score = torch.addmm(self._c_sq, xq, self.centroids.T, alpha=-2.0)
-        lc = self.list_class.unsqueeze(0)
-        excluded = (lc != yq.unsqueeze(1)) if same_class else (lc == yq.unsqueeze(1))
-        excluded |= (self.list_size == 0).unsqueeze(0)
-        score.masked_fill_(excluded, float("inf"))
+        score = self._list_scores(xq, yq.to("cpu"), same_class)
         nprobe = min(self.resolved["nprobe"], score.shape[1])
         cd, ci = score.topk(nprobe, dim=1, largest=False, sorted=True)
         ci = torch.where(torch.isfinite(cd), ci, torch.full_like(ci, -1))
         cd = cd.masked_fill(~torch.isfinite(cd), 0.0)
         D, I = search_preassigned(self.faiss, self.index, xq.numpy(), kp, ci, cd)
         return torch.from_numpy(D).to(self.device), torch.from_numpy(I).to(self.device)
+
+    def _list_scores(self, xq: torch.Tensor, yq: torch.Tensor, same_class: bool) -> torch.Tensor:
+        """(Q, lists) squared distance of each query to each list's centroid, less |q|^2 (the order is
+        what counts); +inf for the lists a query must not probe (its own class's, or the other
+        classes' for same-class search) and for empty lists."""
+        score = torch.addmm(self._c_sq, xq, self.centroids.T, alpha=-2.0)
+        lc = self.list_class.unsqueeze(0)
+        excluded = (lc != yq.unsqueeze(1)) if same_class else (lc == yq.unsqueeze(1))
+        excluded |= (self.list_size == 0).unsqueeze(0)
+        return score.masked_fill_(excluded, float("inf"))
 
     # ------------------------------------------------------------------ size and persistence
     def nbytes(self) -> int:
