@@ -23,6 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -208,10 +209,8 @@ def gradient_distractor(model: torch.nn.Module, features: torch.Tensor, logits: 
 class DistractorImages:
     """The training images behind sample ids, so a mined distractor can be embedded again in the step."""
 
-    def __init__(self, samples, transform):
-        from nil.data.base import TorchSplit
-
-        self.split = TorchSplit(samples, transform)
+    def __init__(self, samples, transform, cache_bytes: int = 1 << 30):
+        self.samples, self.transform = samples.random_reader(cache_bytes), transform
         self.row = {int(sid): i for i, sid in enumerate(samples.ids)}
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -220,9 +219,9 @@ class DistractorImages:
 
     def load(self, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (N, C, S, S) with the training transform, and their labels (N,)."""
-        items = [self.split[int(r)] for r in rows]
-        x = torch.stack([item[0] for item in items]).to(device)
-        return x, torch.tensor([int(item[1]) for item in items], dtype=torch.int64, device=device)
+        rows = np.asarray(rows, dtype=np.int64)
+        x = torch.stack([self.transform(image) for image in self.samples.load_many(rows)]).to(device)
+        return x, torch.as_tensor(self.samples.labels[rows], dtype=torch.int64, device=device)
 
 
 # ------------------------------------------------------------------------------ distractor sources

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import zarr
 from PIL import Image
 
@@ -384,6 +385,42 @@ def test_zarr_cache_is_bounded_and_pickles(tmp_path):
     clone = pickle.loads(pickle.dumps(pool))
     np.testing.assert_array_equal(clone.load(97), images[97])
     assert ds.classes == ["0", "1", "2"] and ds.train.keys[0] == str(ds.train.ids[0])
+
+
+def test_zarr_scattered_reads_decode_each_chunk_once_in_their_own_cache(tmp_path):
+    """Mined distractors are scattered rows: read grouped by chunk, through a separate, larger cache."""
+    from nil.mining import DistractorImages
+
+    images, labels = _zarr(tmp_path / "p.zarr", n=100, chunk=4)
+    ds = open_dataset(tmp_path / "p.zarr", seed=0)
+    pool = ds.train.parent
+    rows = np.random.default_rng(0).permutation(len(ds.train))[:40]
+    rows = np.concatenate([rows, rows[:5]])  # repeats and no order
+    want = [ds.train.load(int(r)) for r in rows]
+    before = pool.decodes
+    chunks = len(np.unique(ds.train.index[rows] // 4))
+    assert chunks > 8  # more chunks than the loader's cache holds: per-image reads would thrash
+    for got, image in zip(ds.train.load_many(rows), want):
+        np.testing.assert_array_equal(got, image)
+    assert pool.decodes - before <= chunks
+
+    reader = ds.train.random_reader(cache_bytes=25 * 4 * 5 * 5 * 3)  # room for all 25 chunks
+    assert reader.parent is not pool and reader.parent.cache_chunks == 25 and pool.cache_chunks == 8
+    loader_decodes = pool.decodes
+    reader.load_many(rows)
+    first = reader.parent.decodes
+    assert first == chunks
+    reader.load_many(rows)
+    assert reader.parent.decodes == first and pool.decodes == loader_decodes  # cached; loader's cache untouched
+    assert ds.train.random_reader(cache_bytes=0).parent.cache_chunks == 8  # never below the loader's
+    with pytest.raises(IndexError):
+        pool.load_many(np.array([0, 100]))
+
+    distractors = DistractorImages(ds.train, lambda image: torch.from_numpy(image.copy()).permute(2, 0, 1))
+    x, y = distractors.load(torch.as_tensor(rows[:6]), torch.device("cpu"))
+    assert x.shape == (6, 3, 5, 5) and y.tolist() == [int(ds.train.labels[r]) for r in rows[:6]]
+    for k, r in enumerate(rows[:6]):
+        np.testing.assert_array_equal(x[k].permute(1, 2, 0).numpy(), images[int(ds.train.ids[r]) - 1000])
 
 
 def test_zarr_detected_without_suffix_and_wrong_shapes(tmp_path):

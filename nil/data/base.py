@@ -8,6 +8,7 @@ Sample ids are stable integers, unique across the three splits: the distractor i
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -43,6 +44,15 @@ class SampleSet:
     def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
         return self.load(i), int(self.labels[i]), int(self.ids[i])
 
+    def load_many(self, index: np.ndarray) -> list[np.ndarray]:
+        """Images at the positions ``index``, in that order (a store may read them grouped)."""
+        return [self.load(int(i)) for i in index]
+
+    def random_reader(self, cache_bytes: int) -> "SampleSet":
+        """This split for scattered reads (mined distractors), keeping up to ``cache_bytes`` of
+        decoded storage; a set held in memory is its own reader."""
+        return self
+
     def subset(self, index: np.ndarray) -> "SampleSet":
         return Subset(self, np.asarray(index, dtype=np.int64))
 
@@ -61,6 +71,14 @@ class Subset(SampleSet):
 
     def load(self, i: int) -> np.ndarray:
         return self.parent.load(int(self.index[i]))
+
+    def load_many(self, index: np.ndarray) -> list[np.ndarray]:
+        return self.parent.load_many(self.index[np.asarray(index, dtype=np.int64)])
+
+    def random_reader(self, cache_bytes: int) -> SampleSet:
+        reader = copy.copy(self)
+        reader.parent = self.parent.random_reader(cache_bytes)
+        return reader
 
     def chunk_size(self) -> int | None:
         return self.parent.chunk_size()

@@ -8,6 +8,7 @@ Reads go through a small LRU cache of decoded chunks, so reading in chunk order 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections import OrderedDict
@@ -80,21 +81,47 @@ class ZarrSampleSet(SampleSet):
     def chunk_size(self) -> int:
         return self._chunk
 
-    def load(self, i: int) -> np.ndarray:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def _block(self, c: int) -> np.ndarray:
+        """Chunk ``c`` decoded, through the LRU cache."""
         images = self._array()
-        c, cs = i // self._chunk, self._chunk
         block = self._cache.get(c)
         if block is None:
-            block = np.asarray(images[c * cs:(c + 1) * cs])
+            block = np.asarray(images[c * self._chunk:(c + 1) * self._chunk])
             self.decodes += 1
             self._cache[c] = block
             if len(self._cache) > self.cache_chunks:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(c)
-        return block[i - c * cs]
+        return block
+
+    def load(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._block(i // self._chunk)[i % self._chunk]
+
+    def load_many(self, index: np.ndarray) -> list[np.ndarray]:
+        """One decode per distinct chunk (not per image): scattered rows are read chunk by chunk."""
+        index = np.asarray(index, dtype=np.int64)
+        if len(index) and not (0 <= index.min() and index.max() < len(self)):
+            raise IndexError(f"positions must lie in [0, {len(self)})")
+        out: list[np.ndarray | None] = [None] * len(index)
+        chunks = index // self._chunk
+        for c in np.unique(chunks):
+            block = self._block(int(c))
+            for j in np.flatnonzero(chunks == c):
+                out[j] = block[index[j] % self._chunk]
+        return out  # type: ignore[return-value]
+
+    def random_reader(self, cache_bytes: int) -> "ZarrSampleSet":
+        """A copy with its own cache of up to ``cache_bytes`` of decoded chunks (at least the
+        loader's), so scattered reads neither thrash nor evict the chunk the loader is reading."""
+        reader = copy.copy(self)
+        reader._images, reader._pid, reader._cache, reader.decodes = None, None, OrderedDict(), 0
+        images = self._array()
+        chunk_bytes = self._chunk * int(np.prod(images.shape[1:])) * images.dtype.itemsize
+        reader.cache_chunks = max(self.cache_chunks, int(cache_bytes) // max(chunk_bytes, 1))
+        return reader
 
 
 def _read_1d(group, name: str, n: int, path: Path) -> np.ndarray | None:
