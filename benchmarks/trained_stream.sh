@@ -10,6 +10,7 @@ N=${NIL:-nil}
 [ -f $W/run/best.pt ] || $N train --data $W/small.zarr --model small_cnn --epochs 2 --batch-size 256 --loss nil --ann exact --out $W/run --device cpu --no-progress --log none
 [ -f $W/index/manifest.json ] || $N index build --checkpoint $W/run/best.pt --data $W/store.zarr --split train --index exact --out $W/index --device cpu --no-progress
 $N bench stream --n 1000000 --data trained:$W/index --kind auto --refresh-every 200 --cycles 2.0 --exact-every 2 --batch 256 --classes 9 --seed 0 --out benchmarks/results/stream.json --no-progress
-# the same embeddings at the fixed default nprobe (no calibration), for comparison
+# the same embeddings at the fixed default nprobe (no calibration), for comparison; then with 32 PQ sub-quantizers
 $N bench stream --n 1000000 --data trained:$W/index --kind auto --param probe_recall=0 --refresh-every 200 --cycles 2.0 --exact-every 2 --batch 256 --classes 9 --seed 0 --out benchmarks/results/stream.json --no-progress
+$N bench stream --n 1000000 --data trained:$W/index --kind auto --param m=32 --refresh-every 200 --cycles 2.0 --exact-every 2 --batch 256 --classes 9 --seed 0 --out benchmarks/results/stream.json --no-progress
 echo DONE
