@@ -30,7 +30,7 @@ import shutil
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from benchmarks.machine import machine_info
@@ -315,15 +315,27 @@ def run_final(study: Study, command: str = "") -> dict:
     if missing:
         raise ValueError(f"arms {missing} have no frozen tuning choice: run the tune stage for them first")
     done, machine, commit = load_rows(study), machine_info(), _commit()
-    result = write_report(study, command)
+    result = write_report(_with_finished(study, done), command)
     for model in study.models:
         for seed in study.seeds:
             for dataset in study.datasets:
                 for arm in study.arms:
                     if _train_one(study, "final", dataset, model, arm, seed, choices[arm]["params"], done,
                                   machine, commit):
-                        result = write_report(study, command)
+                        result = write_report(_with_finished(study, load_rows(study)), command)
     return result
+
+
+def _with_finished(study: Study, rows: dict[str, dict]) -> Study:
+    """The study widened by every dataset, model, arm and seed of the final runs already finished, so
+    that continuing a study with a subset (``--seeds 3``) keeps reporting all of it."""
+    finals = [r for r in rows.values() if r["stage"] == "final"]
+
+    def union(given: list, name: str) -> list:
+        return list(given) + sorted({r[name] for r in finals} - set(given))
+
+    return replace(study, datasets=union(study.datasets, "dataset"), models=union(study.models, "model"),
+                   arms=union(study.arms, "arm"), seeds=union(study.seeds, "seed"))
 
 
 # --------------------------------------------------------------------------------------- report

@@ -80,6 +80,16 @@ def test_final_runs_are_written_as_they_finish_and_a_rerun_skips_them(study):
     assert "Tuning (validation only" in md and "Paired differences" in md and "published" in md
 
 
+def test_continuing_a_study_with_a_subset_keeps_reporting_all_of_it(study):
+    run_tuning(study)
+    run_final(study, "nil bench study final")
+    subset = Study(**(asdict(study) | {"arms": ["ce"], "seeds": [1]}))
+    result = run_final(subset, "nil bench study final --arms ce --seeds 1")
+    assert result["finished_runs"] == result["planned_runs"] == 3 * 2
+    assert {r["arm"] for r in result["rows"]} == {"ce", "ce-matched", "nil-fresh"}
+    assert json.loads(study.choice_file.with_name("study.json").read_text())["finished_runs"] == 6
+
+
 def test_paired_differences_interval_and_wins():
     def row(arm, seed, bal):
         return {"dataset": "d", "model": "m", "arm": arm, "seed": seed,
