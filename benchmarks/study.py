@@ -322,7 +322,7 @@ def run_final(study: Study, command: str = "") -> dict:
                 for arm in study.arms:
                     if _train_one(study, "final", dataset, model, arm, seed, choices[arm]["params"], done,
                                   machine, commit):
-                        result = write_report(_with_finished(study, load_rows(study)), command)
+                        result = write_report(_with_finished(study, done), command)
     return result
 
 

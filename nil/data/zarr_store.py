@@ -116,8 +116,8 @@ class ZarrSampleSet(SampleSet):
     def random_reader(self, cache_bytes: int) -> "ZarrSampleSet":
         """A copy with its own cache of up to ``cache_bytes`` of decoded chunks (at least the
         loader's), so scattered reads neither thrash nor evict the chunk the loader is reading."""
-        reader = copy.copy(self)
-        reader._images, reader._pid, reader._cache, reader.decodes = None, None, OrderedDict(), 0
+        reader = copy.copy(self)  # through __getstate__: its own zarr handle and an empty cache
+        reader.decodes = 0
         images = self._array()
         chunk_bytes = self._chunk * int(np.prod(images.shape[1:])) * images.dtype.itemsize
         reader.cache_chunks = max(self.cache_chunks, int(cache_bytes) // max(chunk_bytes, 1))
