@@ -311,7 +311,7 @@ class FaissIndex(BaseIndex):
                                    same_class=same_class)
             parts.append(torch.where(i >= 0, drows[i.clamp_min(0)], i))
         cand = torch.cat(parts, dim=1) if parts else torch.empty(nq, 0, dtype=torch.int64, device=self.device)
-        dist, rows = rerank(xq, yq, qid, cand, vectors, labels, ids, k, same_class)
+        dist, rows = rerank(xq, yq, qid, cand, vectors, labels, ids, k, same_class, faiss=self._faiss)
         if self.engine.needs_fallback and nq:
             starved = (rows[:, -1] < 0).nonzero().squeeze(1)
             if starved.numel():
