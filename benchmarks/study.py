@@ -335,7 +335,7 @@ def _with_finished(study: Study, rows: dict[str, dict]) -> Study:
         return list(given) + sorted({r[name] for r in finals} - set(given))
 
     return replace(study, datasets=union(study.datasets, "dataset"), models=union(study.models, "model"),
-                   arms=union(study.arms, "arm"), seeds=union(study.seeds, "seed"))
+                   arms=union(study.arms, "arm"), seeds=sorted(set(union(study.seeds, "seed"))))
 
 
 # --------------------------------------------------------------------------------------- report
