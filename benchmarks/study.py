@@ -371,15 +371,68 @@ def paired(rows: list[dict], baseline: str) -> list[dict]:
             groups.setdefault((r["dataset"], r["model"], r["arm"]), []).append((r, b))
     out = []
     for (dataset, model, arm), pairs in groups.items():
-        e = {"dataset": dataset, "model": model, "arm": arm, "baseline": baseline, "pairs": len(pairs)}
+        pairs.sort(key=lambda rb: rb[0]["seed"])
+        e = {"dataset": dataset, "model": model, "arm": arm, "baseline": baseline, "pairs": len(pairs),
+             "seeds": [r["seed"] for r, _ in pairs]}
         for k in ("balanced_accuracy", "auc", "macro_f1", "accuracy", "qwk"):
-            diffs = [r["test"][k] - b["test"][k] for r, b in pairs
-                     if r["test"][k] is not None and b["test"][k] is not None]
+            diffs = [None if r["test"][k] is None or b["test"][k] is None else r["test"][k] - b["test"][k]
+                     for r, b in pairs]
+            e[f"{k}_diffs"] = diffs  # per seed, in the order of "seeds"
+            diffs = [d for d in diffs if d is not None]
             e[k] = statistics.fmean(diffs) if diffs else None
             e[f"{k}_ci95"] = _ci95(diffs)
             e[f"{k}_wins"] = sum(d > 0 for d in diffs)
         out.append(e)
     return out
+
+
+def study_plot_png(result: dict) -> bytes:
+    """Forest plot of the paired differences: for each baseline (rows) and metric (columns), one line per
+    dataset, model and arm with every seed's difference (dots), the mean (diamond) and its 95% interval."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    baselines = [b for b in ("ce-matched", "ce") if any(p["baseline"] == b for p in result["paired"])]
+    metrics = (("balanced_accuracy", "balanced accuracy"), ("auc", "AUC"))
+
+    def order(p):
+        return (p["dataset"], p["model"], list(ARMS).index(p["arm"]) if p["arm"] in ARMS else len(ARMS), p["arm"])
+
+    per = {b: sorted((p for p in result["paired"] if p["baseline"] == b), key=order) for b in baselines}
+    height = max([len(v) for v in per.values()] + [1])
+    fig, axes = plt.subplots(len(baselines), len(metrics), figsize=(11, 1.2 + 0.27 * height * len(baselines)),
+                             squeeze=False)
+    for row, b in enumerate(baselines):
+        ps = per[b]
+        for col, (k, name) in enumerate(metrics):
+            ax = axes[row][col]
+            for y, p in enumerate(ps):
+                diffs = [d for d in p[f"{k}_diffs"] if d is not None]
+                ax.plot(diffs, [y] * len(diffs), "o", ms=3, color="0.6", zorder=2)
+                if p[k] is None:
+                    continue
+                lo, hi = p[f"{k}_ci95"]
+                if lo is not None:
+                    ax.plot([lo, hi], [y, y], color="C1" if lo > 0 or hi < 0 else "k", lw=2.5 if lo > 0 or hi < 0 else 1.2,
+                            zorder=3)
+                ax.plot([p[k]], [y], "D", ms=5, color="C3" if p[k] > 0 else "C0", zorder=4)
+            ax.axvline(0, color="k", lw=0.6, ls=":")
+            ax.set_yticks(range(len(ps)))
+            ax.set_yticklabels([f"{p['dataset'][:6]} {p['model']} {p['arm']} ({p['pairs']})" for p in ps]
+                               if col == 0 else [], fontsize=7)
+            ax.set_ylim(len(ps) - 0.5, -0.5)
+            ax.set_title(f"{name}: arm minus {b}", fontsize=9)
+            ax.tick_params(axis="x", labelsize=7)
+    fig.text(0.5, 0.005, "test-split difference per seed (grey dots), mean (diamond: red above 0, blue below) and "
+             "Student-t 95% interval (thick orange where it excludes 0); (n) = paired seeds", ha="center", fontsize=7)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 DISTRACTOR_ARMS = ("nil-fresh", "nil-gradient", "nil-balanced", "nil-replay")  # the distractor-aware arms the goal is held against
@@ -433,7 +486,7 @@ def write_report(study: Study, command: str = "") -> dict:
               "goal": goal(summary, pairs), "planned_runs": len(study.models) * len(study.seeds)
               * len(study.datasets) * len(study.arms), "finished_runs": len(rows)}
     out = Path(study.out)
-    write_result(out, result, study_markdown(result))
+    write_result(out, result, study_markdown(result), **({".png": study_plot_png(result)} if pairs else {}))
     return result
 
 
@@ -506,7 +559,8 @@ def study_markdown(result: dict) -> str:
         lines += [markdown_table(headers, table), ""]
     if result["paired"]:
         lines += ["## Paired differences (same seed): arm minus baseline", "",
-                  "Mean difference, Student-t 95% interval over seeds, and (wins / pairs).", ""]
+                  "Mean difference, Student-t 95% interval over seeds, and (wins / pairs); every seed's "
+                  f"difference is plotted in {Path(result['settings']['out']).with_suffix('.png').name}.", ""]
         table = [[p["dataset"], p["model"], p["arm"], p["baseline"]]
                  + [_diff(p, k) for k in ("balanced_accuracy", "auc", "macro_f1", "accuracy")]
                  for p in result["paired"]]

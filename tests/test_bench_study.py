@@ -78,6 +78,8 @@ def test_final_runs_are_written_as_they_finish_and_a_rerun_skips_them(study):
 
     md = study.choice_file.with_name("study.md").read_text()
     assert "Tuning (validation only" in md and "Paired differences" in md and "published" in md
+    assert "plotted in study.png" in md
+    assert study.choice_file.with_name("study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the forest plot
 
 
 def test_continuing_a_study_with_a_subset_keeps_reporting_all_of_it(study):
@@ -95,9 +97,11 @@ def test_paired_differences_interval_and_wins():
         return {"dataset": "d", "model": "m", "arm": arm, "seed": seed,
                 "test": {"balanced_accuracy": bal, "auc": bal, "macro_f1": bal, "accuracy": bal, "qwk": None}}
 
-    rows = [row("ce", s, 0.5) for s in range(3)] + [row("nil", 0, 0.6), row("nil", 1, 0.4), row("nil", 2, 0.8)]
+    rows = [row("ce", s, 0.5) for s in range(3)] + [row("nil", 2, 0.8), row("nil", 0, 0.6), row("nil", 1, 0.4)]
     (p,) = paired(rows, "ce")
     assert p["pairs"] == 3 and p["balanced_accuracy"] == pytest.approx(0.1)
+    assert p["seeds"] == [0, 1, 2] and p["balanced_accuracy_diffs"] == pytest.approx([0.1, -0.1, 0.3])
+    assert p["qwk_diffs"] == [None, None, None]
     assert p["balanced_accuracy_wins"] == 2 and p["qwk"] is None
     lo, hi = p["balanced_accuracy_ci95"]  # diffs 0.1, -0.1, 0.3: sd 0.2, t(2) = 4.303
     assert lo == pytest.approx(0.1 - 4.303 * 0.2 / 3 ** 0.5) and hi == pytest.approx(0.1 + 4.303 * 0.2 / 3 ** 0.5)
