@@ -62,13 +62,13 @@ def test_a_given_nprobe_is_kept_and_a_lower_target_probes_fewer_lists():
     assert low.params["nprobe"] < high.params["nprobe"]
 
 
-def test_calibrated_nprobe_survives_save_and_load(tmp_path):
+def test_calibrated_nprobe_and_depth_survive_save_and_load(tmp_path):
     x, y = scattered(seed=3)
     index = built(x, y, kind="ivfpq")
-    nprobe = index.params["nprobe"]
+    nprobe, depth = index.params["nprobe"], index.params["rerank"]
     save_index(index, tmp_path / "ix", classes=[str(c) for c in range(9)])
     again, _ = load_index(tmp_path / "ix")
-    assert again.params["nprobe"] == nprobe
+    assert again.params["nprobe"] == nprobe and again.params["rerank"] == depth
     rows = torch.arange(0, x.shape[0], 101)
     a = index.search_other_class(x[rows], y[rows], 1, query_ids=rows)
     b = again.search_other_class(x[rows], y[rows], 1, query_ids=rows)
@@ -79,3 +79,25 @@ def test_calibrated_nprobe_survives_save_and_load(tmp_path):
 def test_probe_recall_out_of_range_is_refused(bad):
     with pytest.raises(IndexInputError, match="probe_recall"):
         make_index("ivf", 8, 3, probe_recall=bad)
+
+
+def test_rerank_depth_is_calibrated_to_the_data_and_a_given_depth_is_kept():
+    """ivfpq ranks candidates by 4-bit codes: each build re-ranks exactly the fewest candidates (a
+    multiple of 16 in [32, 256]) that hold the true row of probe_recall of the sampled rows."""
+    x, y = clustered(20000, 32, 6, clusters_per_class=20, spread=0.6, seed=4)
+    easy = built(x, y, kind="ivfpq")
+    depth = easy.params["rerank"]
+    assert 32 <= depth <= 256 and depth % 16 == 0
+    assert easy.params["rerank_recall_sampled"] >= 0.99
+    rows = torch.arange(3, x.shape[0], 53)
+    assert recall(easy, x, y, rows) >= 0.97
+    assert built(x, y, kind="ivfpq", probe_recall=0.5).params["rerank"] <= depth  # a lower target, fewer
+    assert built(x, y, kind="ivfpq", rerank=40).params["rerank"] == 40  # given: kept
+    assert built(x, y, kind="ivfpq", probe_recall=0).params["rerank"] == 192  # no calibration: the fixed default
+    assert "rerank_recall_sampled" not in built(x, y, kind="ivf").params  # exact codes: nothing to calibrate
+    # coarser codes (4 dimensions per 4-bit sub-quantizer) rank the true row lower: more candidates
+    coarse = built(x, y, kind="ivfpq", m=8)
+    assert coarse.params["rerank"] > depth
+    assert recall(coarse, x, y, rows) >= 0.95 * coarse.params["rerank_recall_sampled"]
+    capped = built(x, y, kind="ivfpq", m=2)  # codes too coarse for any depth: the cap, and the share says so
+    assert capped.params["rerank"] == 256 and capped.params["rerank_recall_sampled"] < 0.9

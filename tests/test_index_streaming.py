@@ -549,7 +549,9 @@ def test_in_place_appends_to_a_list_that_fills_whole_fast_scan_blocks():
     g = torch.Generator().manual_seed(9)
     x = torch.randn(256, DIM, generator=g)
     y = torch.cat([torch.zeros(128, dtype=torch.int64), torch.ones(128, dtype=torch.int64)])
-    index = FaissIndex(DIM, 2, kind="ivfpq", nlist=1, refresh_every=0)
+    # rerank 192: every candidate re-ranked, so the search checks the codes' rows, not the codes' ranking
+    # (the new rows lie far from the data the codebook was trained on, so their codes rank them coarsely)
+    index = FaissIndex(DIM, 2, kind="ivfpq", nlist=1, refresh_every=0, rerank=192)
     index.upsert(torch.arange(256), x, y)
     index.build()
     inv = faiss.downcast_InvertedLists(index.engine.index.invlists)
