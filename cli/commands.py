@@ -181,7 +181,7 @@ class ModelName(click.ParamType):
 @click.option("--ann-nprobe", default=None, type=click.IntRange(min=1),
               help="--ann faiss: lists probed per query [default: the engine's for the kind]; more: higher recall, slower.")
 @click.option("--ann-rerank", default=None, type=click.IntRange(min=1),
-              help="--ann faiss: candidates re-ranked exactly per query [default: 192 for ivfpq]; more: higher recall.")
+              help="--ann faiss: candidates re-ranked exactly per query [default: ivfpq calibrates it at each build, 32-256, to hold the true neighbour of probe_recall of a sample]; more: higher recall.")
 @click.option("--ann-param", "ann_params", multiple=True, type=INDEX_PARAM,
               help="--ann exact|faiss: a further parameter of the memory's index, e.g. store_dtype=float16 "
                    "(half the memory), nlist=4096 or inplace=false (see `nil index build`); repeatable.")

@@ -84,7 +84,7 @@ class TrainConfig:
     ann_index: str = "auto"  # kind for --ann faiss; auto: the engine's default for the device
     refresh_every: int = 200  # steps between rebuilds of the approximate structure
     ann_nprobe: int | None = None  # --ann faiss: lists probed per query (None: the engine's default for the kind)
-    ann_rerank: int | None = None  # --ann faiss: candidates re-ranked exactly per query (None: the default, 192 for ivfpq)
+    ann_rerank: int | None = None  # --ann faiss: candidates re-ranked exactly per query (None: ivfpq calibrates it at each build)
     ann_params: dict = field(default_factory=dict)  # more parameters of the memory's index (e.g. store_dtype, nlist)
     audit_every: int = 200  # --ann faiss: steps between recall@1 audits of 32 queries against exact search (0: never)
     index_from: str | None = None  # start the memory from an index folder built by `nil index build`
