@@ -273,7 +273,8 @@ def stream_plot_png(result: dict) -> bytes:
 
     fig, (a, b) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for r in result["rows"]:
-        label = f"{r['method']} {r['data']} {r['n']:,}"
+        given = " ".join(f"{k}={v}" for k, v in sorted(r.get("params_given", {}).items()))
+        label = f"{r['method']} {r['data'].split(':')[0]} {r['n']:,} {given or 'default'} ({r.get('commit', '?')})"
         a.plot(r["per_step"]["step_ms"], lw=0.8, label=label)
         a.axhline(r["exact_ms"], ls="--", lw=0.8, color=a.lines[-1].get_color())
         checked = [(i, v) for i, v in enumerate(r["per_step"]["recall"]) if v is not None]
