@@ -107,7 +107,7 @@ class PartitionedIVF(Engine):
         # in 23.5 ms, nprobe 48 / 128 -> 0.970 in 28.5 ms, 26 / 192 -> 0.979 in 24.8 ms, 26 / 256 ->
         # 0.987 in 27.5 ms: depth is the cheap lever, and 192 leaves headroom over 0.97.
         # Without probe_recall (0) the fixed depth stays; with it each build calibrates the depth from
-        # the data (:meth:`_calibrate_depth`), from 100k rows of clusters (48) to 1M class-pure ones (256).
+        # the data (:meth:`_calibrate_depth`): 48 on 100k rows of clusters, 224 on 1M class-pure ones (stream.md).
         rerank = p.rerank if p.rerank is not None else (192 if self.kind == "ivfpq" else 8)
         self.resolved = {"nlist": nlist, "nlist_per_class": per_class, "nprobe": nprobe, "rerank": rerank,
                          "niter": p.niter, "max_points_per_centroid": p.max_points_per_centroid,
@@ -244,7 +244,7 @@ class PartitionedIVF(Engine):
         [``_RERANK_MIN``, ``_RERANK_CAP``]) among which the 4-bit codes rank the exact nearest other-class
         row of ``target`` of the sampled rows whose true row is in a probed list. The codes rank
         coarsely, and how coarsely depends on the data: in the searches of 1,024 moved rows that chose
-        this design, 48 candidates held 99% of the true rows on 100k rows of clusters, 128-256 on 1M
+        this design, 48 candidates held 99% of the true rows on 100k rows of clusters, 214-264 on 1M
         class-pure rows. Sets ``resolved["rerank"]`` and the share of those sampled rows found within it."""
         r = self.resolved
         _, cand = self._scan(xq, yq, False, _RERANK_CAP)
