@@ -58,6 +58,7 @@ class StreamBench:
     refresh_every: int = 200
     cycles: float = 2.0  # refresh cycles streamed (steps = cycles * refresh_every)
     exact_every: int = 2  # steps between exact searches (recall and exact ms); 1: every step
+    rerun: bool = False  # measure this command's rows again, replacing those already in the file
     batch: int = 256
     dim: int = 128
     classes: int = 9
@@ -110,9 +111,11 @@ def run_stream(cfg: StreamBench, command: str) -> dict:
     for n in cfg.ns:
         for data in cfg.data:
             key = (kind, data, n, cfg.steps, tuple(sorted(cfg.params.items())))
-            if key in old:
-                LOG.info("skipping %s (already measured)", key)
+            if key in old and not cfg.rerun:
+                LOG.warning("skipping %s %s at N=%s: already in %s (--rerun measures it again)", kind, data, n, out)
                 continue
+            if key in old:  # measured again: the new row replaces the old one
+                result["rows"] = [r for r in result["rows"] if _row_key(r) != key]
             result["rows"].append(_stream_row(cfg, kind, data, n)
                                   | {"command": command, "commit": result["git"]["commit"]})
             close_envelope(result, started)

@@ -97,13 +97,17 @@ def bench_mining(ctx, ns, dim, classes, seed, batch, batches, warmup, device, me
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", default="benchmarks/results/stream.json", show_default=True, type=click.Path(),
               help="Result JSON; the .md table and .png plot are written beside it. Rows already in it are kept.")
+@click.option("--rerun", is_flag=True,
+              help="Measure rows already in --out again (after a code change), replacing them; other rows stay.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 @click.pass_context
-def bench_stream(ctx, ns, data, kind, params, refresh_every, cycles, exact_every, batch, classes, seed, out, progress):
+def bench_stream(ctx, ns, data, kind, params, refresh_every, cycles, exact_every, batch, classes, seed, out, rerun,
+                 progress):
     """The engine as training uses it: search then upsert moved vectors, step after step, over refresh cycles.
 
     Records per step the time (p50 and max, refresh included) and recall@1 against exact-torch on
-    the same batches in the same run. Resumable: a rerun keeps the rows already written.
+    the same batches in the same run. Resumable: a rerun keeps the rows already written (a row is
+    its kind, data, N, steps and the --param values given) unless --rerun.
     """
     from benchmarks.stream import StreamBench, run_stream, stream_markdown
     from faiss_index import IndexFormatError, IndexInputError
@@ -113,7 +117,8 @@ def bench_stream(ctx, ns, data, kind, params, refresh_every, cycles, exact_every
         if d not in ("clusters", "class-pure") and not d.startswith("trained:"):
             raise click.BadParameter(f"{d!r}: use clusters, class-pure or trained:INDEX_DIR", param_hint="--data")
     cfg = StreamBench(ns=ns, data=_words(data) or (), kind=kind, params=given, refresh_every=refresh_every,
-                      cycles=cycles, exact_every=max(1, exact_every), batch=batch, classes=classes, seed=seed, out=out, progress=progress)
+                      cycles=cycles, exact_every=max(1, exact_every), batch=batch, classes=classes, seed=seed, out=out,
+                      rerun=rerun, progress=progress)
     if any(batch > n for n in ns):
         raise click.BadParameter(f"a batch of {batch} needs N >= {batch}", param_hint="--batch")
     try:

@@ -203,9 +203,16 @@ def test_stream_records_every_step_and_a_rerun_keeps_finished_rows(tmp_path):
     assert f"`{rows[0]['command']}`" in (tmp_path / "stream.md").read_text()  # kept rows' command stays in the report
     half = CliRunner().invoke(main, [*args[:5], "clusters", *args[6:], "--param", "store_dtype=float16"])
     assert half.exit_code == 0, half.output
-    row = json.loads(out.read_text())["rows"][3]
+    res_rows_after = json.loads(out.read_text())["rows"]
+    row = res_rows_after[3]
     assert row["params"]["store_dtype"] == "float16" and row["exact_stored_dtype_ms"] > 0 and row["exact_ms"] > 0
     assert row["recall_at_1"] >= 0.9
+    # --rerun measures this command's row again and replaces it; the others stay as they were
+    redo = CliRunner().invoke(main, [*args[:5], "clusters", *args[6:], "--rerun"])
+    assert redo.exit_code == 0, redo.output
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and rows[:3] == res_rows_after[1:]
+    assert rows[3]["data"] == "clusters" and rows[3]["params_given"] == {} and "--rerun" in rows[3]["command"]
 
 
 @pytest.mark.parametrize("max_ms, recall, rss_mb, met", [
