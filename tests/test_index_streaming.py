@@ -566,3 +566,36 @@ def test_in_place_appends_to_a_list_that_fills_whole_fast_scan_blocks():
     assert sorted(ids[128:].tolist()) == new.tolist()
     r = index.search_other_class(v, torch.ones(120, dtype=torch.int64), 1)
     assert torch.equal(r.ids[:, 0], new) and r.distances[:, 0].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("same_class", [False, True])
+def test_the_probe_mask_follows_lists_that_empty_and_fill_in_place(same_class):
+    """The per-class probe bias is cached; in-place moves that empty a list (or fill an empty one)
+    must show in the lists a query may probe, exactly as a mask computed afresh."""
+    x, y = base_data(n=2000, seed=3)
+    index = make_index("ivf", DIM, 3, refresh_every=0, nlist=16, probe_recall=0)
+    index.upsert(torch.arange(2000), x, y)
+    index.build()
+    eng = index.engine
+
+    def fresh(xq, yq):
+        score = torch.addmm(eng._c_sq, xq, eng.centroids.T, alpha=-2.0)
+        lc = eng.list_class.unsqueeze(0)
+        excluded = (lc != yq.unsqueeze(1)) if same_class else (lc == yq.unsqueeze(1))
+        return score.masked_fill(excluded | (eng.list_size == 0).unsqueeze(0), float("inf"))
+
+    xq, yq = x[:64], y[:64]
+    assert torch.allclose(eng._list_scores(xq, yq, same_class), fresh(xq, yq))
+    # empty list 0 (class 0): its rows move to where another list of class 0 is nearest
+    members = (torch.from_numpy(eng._lists.row_list[:2000]) == 0).nonzero().squeeze(1)
+    target = eng.centroids[1] if int(eng.list_class[1]) == int(eng.list_class[0]) else eng.centroids[-1]
+    moved = target.expand(members.numel(), -1).clone()
+    index.upsert(members, moved, y[members])
+    assert int(eng.list_size[0]) == 0
+    a = eng._list_scores(xq, yq, same_class)
+    assert torch.equal(torch.isinf(a), torch.isinf(fresh(xq, yq))) and torch.isinf(a[:, 0]).all()
+    # fill it again: list 0 is probed again by the queries allowed to
+    index.upsert(members, x[members], y[members])
+    assert int(eng.list_size[0]) > 0
+    a = eng._list_scores(xq, yq, same_class)
+    assert torch.equal(torch.isinf(a), torch.isinf(fresh(xq, yq))) and not torch.isinf(a[:, 0]).all()

@@ -72,6 +72,8 @@ class PartitionedIVF(Engine):
         self.centroids = torch.empty(0, self.dim)
         self.list_class = torch.empty(0, dtype=torch.int64)
         self.list_size = torch.empty(0, dtype=torch.int64)
+        self._c_sq = torch.empty(0)
+        self._bias: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # see _class_bias
         self.nlist_per_class = [0] * self.num_classes
         self._pq: dict | None = None  # codebook, its training error, packed codes per row
         self.pq_centroids: torch.Tensor | None = None  # (m, 2**nbits, D // m), encodes in-place updates
@@ -193,6 +195,7 @@ class PartitionedIVF(Engine):
         self.centroids = torch.cat(cents)
         self.list_class = torch.cat(list_class)
         self._c_sq = (self.centroids * self.centroids).sum(1)
+        self._bias = {}  # a new dict: a copy of this engine searching meanwhile keeps its own
         self._err = {"trained": err_sum / max(1, labels.shape[0]), "sum": 0.0, "count": 0, "pq_sum": 0.0}
         self._fill(job, list_no)
         self.resolved = {**r, "nlist_total": offset}
@@ -387,11 +390,23 @@ class PartitionedIVF(Engine):
         """(Q, lists) squared distance of each query to each list's centroid, less |q|^2 (the order is
         what counts); +inf for the lists a query must not probe (its own class's, or the other
         classes' for same-class search) and for empty lists."""
-        score = torch.addmm(self._c_sq, xq, self.centroids.T, alpha=-2.0)
+        return torch.addmm(self._class_bias(same_class)[yq], xq, self.centroids.T, alpha=-2.0)
+
+    def _class_bias(self, same_class: bool) -> torch.Tensor:
+        """(classes, lists): each list's |c|^2, +inf where a query of that class must not probe it.
+
+        One gathered row per query replaces a (Q, lists) mask per search (0.3 of 1.3 ms at 256 x 2,304
+        lists). Cached until a list empties or fills (in-place moves change that) or a build."""
+        empty = self.list_size == 0
+        cached = self._bias.get(same_class)
+        if cached is not None and torch.equal(cached[0], empty):
+            return cached[1]
         lc = self.list_class.unsqueeze(0)
-        excluded = (lc != yq.unsqueeze(1)) if same_class else (lc == yq.unsqueeze(1))
-        excluded |= (self.list_size == 0).unsqueeze(0)
-        return score.masked_fill_(excluded, float("inf"))
+        classes = torch.arange(self.num_classes).unsqueeze(1)
+        excluded = ((lc != classes) if same_class else (lc == classes)) | empty.unsqueeze(0)
+        bias = self._c_sq.unsqueeze(0).expand(self.num_classes, -1).masked_fill(excluded, float("inf"))
+        self._bias[same_class] = (empty.clone(), bias)
+        return bias
 
     # ------------------------------------------------------------------ size and persistence
     def nbytes(self) -> int:
@@ -421,6 +436,7 @@ class PartitionedIVF(Engine):
         self._lists = RowLists(faiss, ivf, int(meta["ntotal"]))
         self.list_size = torch.from_numpy(self._lists.sizes)
         self._c_sq = (self.centroids * self.centroids).sum(1)
+        self._bias = {}
         self.index, self._quantizer = index, None
         self.pq_centroids = None
         if self.kind == "ivfpq":
