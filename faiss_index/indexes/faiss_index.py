@@ -297,8 +297,9 @@ class FaissIndex(BaseIndex):
             dist, cand = self.engine.candidates(xq, yq, same_class, k)
             if cand.shape[1]:
                 cand = cand.to(self.device)
-                stale = (cand >= 0) & self.delta.contains(cand.clamp_min(0))
-                cand = cand.masked_fill(stale, -1)
+                if len(self.delta):  # in-place updates keep it empty: then no entry is stale
+                    stale = (cand >= 0) & self.delta.contains(cand.clamp_min(0))
+                    cand = cand.masked_fill(stale, -1)
                 keep = max(self.params.get("rerank", 0), 2 * k)  # as many as one engine call returns
                 if cand.shape[1] > keep:
                     dist = dist.to(self.device).masked_fill(cand < 0, float("inf"))
