@@ -78,8 +78,17 @@ def run_convergence(cfg: Convergence, command: str = "") -> dict:
     return result
 
 
+def _study_ce(cfg: Convergence) -> dict:
+    """The study's own ce rows (best.pt by validation balanced accuracy), per dataset, for the table."""
+    path = Path(cfg.study_out)
+    if not path.exists():
+        return {}
+    return {e["dataset"]: e for e in json.loads(path.read_text()).get("summary", [])
+            if e["arm"] == "ce" and e["model"] == cfg.model}
+
+
 def summarise(cfg: Convergence, rows: list[dict]) -> list[dict]:
-    out = []
+    out, study_ce = [], _study_ce(cfg)
     for dataset in cfg.datasets:
         rs = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: r["seed"])
         e = {"dataset": dataset, "seeds": [r["seed"] for r in rs], "best_epochs": [r["best_epoch"] for r in rs],
@@ -92,6 +101,9 @@ def summarise(cfg: Convergence, rows: list[dict]) -> list[dict]:
         pub = e["published"]
         e["accuracy_gap"] = None if e["accuracy"] is None or pub is None else e["accuracy"] - pub["accuracy"]
         e["met"] = e["accuracy_gap"] is not None and len(rs) >= 3 and e["accuracy_gap"] >= -TOLERANCE
+        ce = study_ce.get(dataset)
+        e["study_ce"] = None if ce is None else {"seeds": len(ce["seeds"]), "accuracy": ce["accuracy"],
+                                                 "auc": ce["auc"], "balanced_accuracy": ce["balanced_accuracy"]}
         out.append(e)
     return out
 
@@ -131,9 +143,12 @@ def convergence_markdown(result: dict) -> str:
         table.append([e["dataset"], str(len(e["seeds"])), _cell(e, "accuracy"), _cell(e, "auc"),
                       _cell(e, "balanced_accuracy"), ", ".join(str(b) for b in e["best_epochs"]) or "-",
                       f"{pub.get('accuracy', float('nan')):.3f} / {pub.get('auc', float('nan')):.3f}",
-                      "-" if e["accuracy_gap"] is None else f"{e['accuracy_gap']:+.3f}"])
+                      "-" if e["accuracy_gap"] is None else f"{e['accuracy_gap']:+.3f}",
+                      "-" if e["study_ce"] is None else
+                      "{accuracy:.3f} / {auc:.3f} / {balanced_accuracy:.3f} ({seeds} seeds)".format(**e["study_ce"])])
     lines.append(markdown_table(["dataset", "seeds", "test accuracy", "test AUC", "test balanced acc.", "best epochs",
-                             "published acc. / AUC", "acc. - published"], table))
+                             "published acc. / AUC", "acc. - published",
+                             "study's ce, by val. balanced acc.: acc. / AUC / bal. acc."], table))
     lines += ["", "## Goal", ""]
     for e in result["summary"]:
         if e["accuracy"] is None or e["published"] is None:

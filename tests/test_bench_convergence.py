@@ -20,6 +20,9 @@ def _setup(tiny_npz, tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     (results / "study-choice.json").write_text(json.dumps({"ce": {"params": {"lr": 3e-3, "weight_decay": 1e-4}}}))
+    (results / "study.json").write_text(json.dumps({"summary": [  # the study's own ce, for the table
+        {"dataset": "retinamnist", "model": "resnet18", "arm": "ce", "seeds": [0, 1], "accuracy": 0.4321,
+         "auc": 0.7654, "balanced_accuracy": 0.3456}]}))
     args = ["bench", "convergence", "--datasets", "retinamnist", "--seeds", "0,1,2", "--epochs", "1",
             "--data-dir", str(data), "--workdir", str(tmp_path / "runs"), "--study", str(results / "study.json"),
             "--out", str(results / "convergence.json")]
@@ -43,6 +46,7 @@ def test_convergence_trains_the_frozen_ce_choice_selects_on_auc_and_states_the_v
     assert s["met"] == (acc >= PUBLISHED["retinamnist"]["accuracy"] - TOLERANCE)
     md = (results / "convergence.md").read_text()
     assert ("**met**" if s["met"] else "**not met**") in md and f"{acc:.3f}" in md
+    assert s["study_ce"]["accuracy"] == 0.4321 and "0.432 / 0.765 / 0.346 (2 seeds)" in md
     # resumable: a rerun trains nothing
     before = (results / "convergence-runs.jsonl").read_text()
     again = CliRunner().invoke(main, args)
