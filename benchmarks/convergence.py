@@ -133,9 +133,9 @@ def convergence_markdown(result: dict) -> str:
         f"Finished {result['finished_runs']} of {result['planned_runs']} runs (resumable). Commit "
         f"{result['commit']}.", "",
         f"The study's `ce` recipe and frozen choice ({json.dumps(s['ce_params'])}), {s['model']}, {s['epochs']} epochs, "
-        f"seeds {s['seeds']}; best.pt chosen by validation {s['select_metric']} (as the "
-        "MedMNIST v2 baselines select) instead of the study's balanced accuracy; the test split read once "
-        "per run. A check of the baseline's training only: no arm of the study is compared here.", "",
+        f"seeds {s['seeds']}; best.pt chosen by validation {s['select_metric']}"
+        f"{' (as the MedMNIST v2 baselines select)' if s['select_metric'] == 'auc' else ''} instead of the "
+        "study's balanced accuracy; the test split read once per run. A check of the baseline's training only: no arm of the study is compared here.", "",
     ]
     table = []
     for e in result["summary"]:
