@@ -15,13 +15,13 @@ them.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.report import close_envelope, envelope, machine_lines, markdown_head, markdown_table, write_result
 from benchmarks.study import PUBLISHED, Study, _commit, _train_one, load_rows, machine_info
+from benchmarks.study import summarise as study_summarise
 
 TOLERANCE = 0.015  # issue 13: ce within 0.015 of the published test accuracy
 METRICS = ("accuracy", "auc", "balanced_accuracy")
@@ -52,8 +52,8 @@ class Convergence:
     def study(self) -> Study:
         """The study's recipe with this check's datasets, seeds, selection and files."""
         return _CheckStudy(datasets=list(self.datasets), models=[self.model], arms=["ce"], seeds=list(self.seeds),
-                     epochs={self.model: self.epochs}, select_metric=self.select_metric, device=self.device,
-                     workdir=self.workdir, out=self.out, data_dir=self.data_dir)
+                           epochs={self.model: self.epochs}, select_metric=self.select_metric, device=self.device,
+                           workdir=self.workdir, out=self.out, data_dir=self.data_dir)
 
 
 def ce_choice(cfg: Convergence) -> dict:
@@ -88,23 +88,22 @@ def _study_ce(cfg: Convergence) -> dict:
 
 
 def summarise(cfg: Convergence, rows: list[dict]) -> list[dict]:
-    out, study_ce = [], _study_ce(cfg)
+    """The study's per-dataset mean and sd of the test metrics, with the best epochs and the verdict."""
+    by_dataset, study_ce = {e["dataset"]: e for e in study_summarise(rows)}, _study_ce(cfg)
+    out = []
     for dataset in cfg.datasets:
-        rs = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: r["seed"])
-        e = {"dataset": dataset, "seeds": [r["seed"] for r in rs], "best_epochs": [r["best_epoch"] for r in rs],
-             "published": PUBLISHED.get(dataset)}
-        for m in METRICS:
-            vals = [r["test"][m] for r in rs if r["test"].get(m) is not None]
-            e[m] = statistics.fmean(vals) if vals else None
-            e[f"{m}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else None
-            e[f"{m}_per_seed"] = vals
-        pub = e["published"]
-        e["accuracy_gap"] = None if e["accuracy"] is None or pub is None else e["accuracy"] - pub["accuracy"]
-        e["met"] = e["accuracy_gap"] is not None and len(rs) >= 3 and e["accuracy_gap"] >= -TOLERANCE
+        e = by_dataset.get(dataset) or {"dataset": dataset, "seeds": [],
+                                         **{k: None for m in METRICS for k in (m, f"{m}_sd")}}
+        pub = PUBLISHED.get(dataset)
+        gap = None if e["accuracy"] is None or pub is None else e["accuracy"] - pub["accuracy"]
         ce = study_ce.get(dataset)
-        e["study_ce"] = None if ce is None else {"seeds": len(ce["seeds"]), "accuracy": ce["accuracy"],
-                                                 "auc": ce["auc"], "balanced_accuracy": ce["balanced_accuracy"]}
-        out.append(e)
+        out.append({**e, "published": pub, "accuracy_gap": gap,
+                    "best_epochs": [r["best_epoch"] for r in sorted(rows, key=lambda r: r["seed"])
+                                    if r["dataset"] == dataset],
+                    "met": gap is not None and len(e["seeds"]) >= 3 and gap >= -TOLERANCE,
+                    "study_ce": None if ce is None else {"seeds": len(ce["seeds"]), "accuracy": ce["accuracy"],
+                                                         "auc": ce["auc"],
+                                                         "balanced_accuracy": ce["balanced_accuracy"]}})
     return out
 
 
@@ -135,7 +134,8 @@ def convergence_markdown(result: dict) -> str:
         f"The study's `ce` recipe and frozen choice ({json.dumps(s['ce_params'])}), {s['model']}, {s['epochs']} epochs, "
         f"seeds {s['seeds']}; best.pt chosen by validation {s['select_metric']}"
         f"{' (as the MedMNIST v2 baselines select)' if s['select_metric'] == 'auc' else ''} instead of the "
-        "study's balanced accuracy; the test split read once per run. A check of the baseline's training only: no arm of the study is compared here.", "",
+        "study's balanced accuracy; the test split read once per run. A check of the baseline's training only: "
+        "no arm of the study is compared here.", "",
     ]
     table = []
     for e in result["summary"]:
@@ -147,8 +147,8 @@ def convergence_markdown(result: dict) -> str:
                       "-" if e["study_ce"] is None else
                       "{accuracy:.3f} / {auc:.3f} / {balanced_accuracy:.3f} ({seeds} seeds)".format(**e["study_ce"])])
     lines.append(markdown_table(["dataset", "seeds", "test accuracy", "test AUC", "test balanced acc.", "best epochs",
-                             "published acc. / AUC", "acc. - published",
-                             "study's ce, by val. balanced acc.: acc. / AUC / bal. acc."], table))
+                                 "published acc. / AUC", "acc. - published",
+                                 "study's ce, by val. balanced acc.: acc. / AUC / bal. acc."], table))
     lines += ["", "## Goal", ""]
     for e in result["summary"]:
         if e["accuracy"] is None or e["published"] is None:
