@@ -229,7 +229,8 @@ def _train_one(study: Study, stage: str, dataset: str, model: str, arm: str, see
     lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines() if s.strip()]
     row = {"key": key, "stage": stage, "dataset": dataset, "model": model, "arm": arm, "seed": seed,
            "arm_params": base_settings(study) | params | ARMS[arm], "selected_by": f"val {study.select_metric}",
-           "epochs": cfg.epochs, "best_epoch": result["best_epoch"], "train_s": round(result["train_s"], 1),
+           "epochs": cfg.epochs, "batch_size": cfg.batch_size, "best_epoch": result["best_epoch"],
+           "train_s": round(result["train_s"], 1),
            "val": _metrics(result["val"]), "test": _metrics(result["test"]),
            "test_recall_per_class": _per_class_recall(result["test"]),
            "val_recall_per_class": _per_class_recall(result["val"]),
