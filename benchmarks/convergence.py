@@ -200,9 +200,11 @@ def write_convergence(cfg: Convergence, command: str, params: dict, recipe: dict
             and r["epochs"] == cfg.epochs and r["dataset"] in cfg.datasets]
     finals = [r for r in rows if r["stage"] == "final" and r["seed"] in cfg.seeds]
     chosen = [r for r in finals if recipe_of(r) == recipe]
-    others = [{"recipe": other, "summary": summarise(cfg, [r for r in finals if recipe_of(r) == other])}
-              for other in recipes() + [study_recipe(params)] if other != recipe]
-    others = [o for i, o in enumerate(others) if o not in others[:i] and any(e["seeds"] for e in o["summary"])]
+    other_recipes = []  # final runs of a recipe not chosen (run before the grid existed) stay reported
+    for r in finals:
+        if recipe_of(r) != recipe and recipe_of(r) not in other_recipes:
+            other_recipes.append(recipe_of(r))
+    others = [{"recipe": o, "summary": summarise(cfg, [r for r in finals if recipe_of(r) == o])} for o in other_recipes]
     result = envelope(command, commit=_commit(), settings=asdict(cfg) | {"ce_params": params}) | {
         "recipe_grid": recipe_table(cfg, rows) if cfg.tune else [], "recipe_rule": RECIPE_RULE, "recipe": recipe,
         "rows": chosen, "summary": summarise(cfg, chosen) if recipe else [], "other_recipes": others,

@@ -111,14 +111,20 @@ def bench_accuracy(datasets, models, arms, seeds, epochs, precision, batch_size,
               help="Epochs for every model (N) or per model (MODEL=N,...); the same for every arm.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
               help="Training autocast (bf16 only pays on CPUs with AVX-512 BF16 or AMX, and on GPUs).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=2),
+              help="The same for every arm; another value than the committed study's starts another study "
+                   "(give it its own --out folder).")
+@click.option("--select-metric", default="balanced_accuracy", show_default=True,
+              type=click.Choice(["balanced_accuracy", "auc"]),
+              help="Validation metric that keeps each run's best.pt (both are fair to imbalanced classes).")
 @click.option("--threads", default=None, type=int, help="torch threads of this process [default: torch's].")
 @click.option("--data-dir", default=None, type=click.Path(), help="Folder with the .npz files [default: ../shared/data].")
 @click.option("--workdir", default="runs/study", show_default=True, help="Where the run folders are written.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", default="benchmarks/results/study.json", show_default=True, type=click.Path(),
               help="Report; study-runs.jsonl (every finished run) and study-choice.json sit beside it.")
-def bench_study(stage, datasets, models, arms, seeds, tune_seeds, tune_models, epochs, precision, threads, data_dir,
-                workdir, device, out):
+def bench_study(stage, datasets, models, arms, seeds, tune_seeds, tune_models, epochs, precision, batch_size,
+                select_metric, threads, data_dir, workdir, device, out):
     """Does distractor-aware training help? A resumable study against fair baselines.
 
     STAGE tune: every arm's grid (the same number of settings each) on the validation split only;
@@ -142,7 +148,8 @@ def bench_study(stage, datasets, models, arms, seeds, tune_seeds, tune_models, e
     study = Study(datasets=_words(datasets), models=model_list, arms=arm_list, seeds=seed_list,
                   tune_seeds=tune_seed_list, tune_models=_words(tune_models),
                   epochs=_epochs(epochs, sorted(set(model_list) | set(_words(tune_models)))), precision=precision,
-                  device=device, workdir=workdir, out=out, data_dir=data_dir)
+                  batch_size=batch_size, select_metric=select_metric, device=device, workdir=workdir, out=out,
+                  data_dir=data_dir)
     command = "nil " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         if stage == "tune":

@@ -151,3 +151,20 @@ def test_the_committed_study_runs_keep_their_keys(tmp_path):
         for dataset in s.datasets for arm in COMMITTED_ARMS for seed in s.seeds]
     assert len(planned) == 70  # 7 arms x 2 datasets x 5 seeds
     assert [k for k in planned if k not in rows] == []
+
+
+def test_the_study_command_trains_the_batch_and_selection_it_is_given(tiny_npz, tmp_path, small_grid):
+    data, results = tmp_path / "data", tmp_path / "results"
+    data.mkdir(), results.mkdir()
+    shutil.copy(tiny_npz, data / "retinamnist.npz")
+    args = ["--datasets", "retinamnist", "--models", "small_cnn", "--tune-models", "small_cnn", "--arms", "ce",
+            "--seeds", "0", "--epochs", "1", "--batch-size", "8", "--select-metric", "auc", "--data-dir", str(data),
+            "--workdir", str(tmp_path / "runs"), "--out", str(results / "study.json")]
+    for stage in ("tune", "final"):
+        res = CliRunner().invoke(main, ["bench", "study", stage, *args])
+        assert res.exit_code == 0, res.output
+    rows = [json.loads(s) for s in (results / "study-runs.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["batch_size"] == 8 and r["selected_by"] == "val auc" for r in rows)
+    configs = list((tmp_path / "runs").glob("*/retinamnist/small_cnn/ce/*/config.json"))
+    assert len(configs) == 3 and all(json.loads(c.read_text())["batch_size"] == 8 for c in configs)  # what trained
+    assert "batch 8" in (results / "study.md").read_text()
