@@ -113,7 +113,7 @@ def recipe_table(cfg: Convergence, rows: list[dict]) -> list[dict]:
     table = []
     for recipe in recipes():
         rs = [r for r in rows if r["stage"] == "tune" and recipe_of(r) == recipe and r["seed"] in cfg.tune_seeds
-              and r["dataset"] in cfg.datasets and r["model"] == cfg.model]
+              and r["dataset"] in cfg.datasets and r["model"] == cfg.model and r["epochs"] == cfg.epochs]
         entry = {"recipe": recipe, "runs": len(rs)}
         for d in cfg.datasets:
             for k in ("accuracy", "auc"):
@@ -132,7 +132,11 @@ def freeze_recipe(cfg: Convergence, rows: list[dict]) -> dict | None:
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
-            return json.loads(path.read_text())
+            choice = json.loads(path.read_text())
+            if choice["epochs"] != cfg.epochs or sorted(choice["datasets"]) != sorted(cfg.datasets):
+                raise ValueError(f"{path} was frozen for {choice['epochs']} epochs on {choice['datasets']}: give this "
+                                 "check its own --out")
+            return choice
         table = recipe_table(cfg, rows)
         if any(t["runs"] < len(cfg.tune_seeds) * len(cfg.datasets) for t in table):
             return None
@@ -157,7 +161,8 @@ def run_convergence(cfg: Convergence, command: str = "") -> dict:
                         write_convergence(cfg, command, params, None, started)
         choice = freeze_recipe(cfg, list(done.values()))
         if choice is None:
-            raise ValueError("the recipe grid is not complete (another process is training part of it?): rerun when it ends")
+            raise ValueError("the recipe grid is not complete (another process is training part of it?): "
+                             "rerun when it ends")
         recipe = choice["recipe"]
     result = write_convergence(cfg, command, params, recipe, started)
     for seed in cfg.seeds:
@@ -165,6 +170,7 @@ def run_convergence(cfg: Convergence, command: str = "") -> dict:
             if _train(cfg, "final", recipe, seed, dataset, params, done, machine, commit):
                 result = write_convergence(cfg, command, params, recipe, started)
     return result
+
 
 def _study_ce(cfg: Convergence) -> dict:
     """The study's own ce rows (best.pt by validation balanced accuracy), per dataset, for the table."""

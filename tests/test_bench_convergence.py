@@ -112,3 +112,12 @@ def test_fewer_than_three_runs_give_no_verdict(tiny_npz, tmp_path):
     assert res.exit_code == 0, res.output
     (s,) = json.loads((results / "convergence.json").read_text())["summary"]
     assert s["met"] is False and "1 of the 3 runs a verdict needs" in (results / "convergence.md").read_text()
+
+
+def test_a_frozen_recipe_is_not_reused_for_other_epochs(tiny_npz, tmp_path):
+    results, args = _setup(tiny_npz, tmp_path)
+    (results / "convergence-choice.json").write_text(json.dumps(
+        {"recipe": {"batch_size": 64, "weight_decay": 0.0}, "epochs": 30, "datasets": ["retinamnist"]}))
+    res = CliRunner().invoke(main, args)  # --epochs 1
+    assert res.exit_code != 0 and "frozen for 30 epochs" in res.output
+    assert not any(json.loads(s)["stage"] == "final" for s in (results / "convergence-runs.jsonl").read_text().splitlines())
