@@ -26,7 +26,7 @@ import itertools
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.report import (close_envelope, envelope, machine_lines, markdown_head, markdown_table, write_files,
@@ -72,11 +72,11 @@ class Convergence:
 
     def study(self, recipe: dict | None = None) -> _CheckStudy:
         """The study's recipe (``recipe``'s batch size) with this check's datasets, seeds, selection and files."""
-        study = _CheckStudy(datasets=list(self.datasets), models=[self.model], arms=["ce"], seeds=list(self.seeds),
-                            tune_seeds=list(self.tune_seeds), epochs={self.model: self.epochs},
-                            select_metric=self.select_metric, device=self.device, workdir=self.workdir,
-                            out=self.out, data_dir=self.data_dir)
-        return replace(study, batch_size=(recipe or {}).get("batch_size", study.batch_size))
+        return _CheckStudy(datasets=list(self.datasets), models=[self.model], arms=["ce"], seeds=list(self.seeds),
+                           tune_seeds=list(self.tune_seeds), epochs={self.model: self.epochs},
+                           batch_size=(recipe or {}).get("batch_size", STUDY_BATCH),
+                           select_metric=self.select_metric, device=self.device, workdir=self.workdir,
+                           out=self.out, data_dir=self.data_dir)
 
 
 def ce_choice(cfg: Convergence) -> dict:
