@@ -130,6 +130,27 @@ def test_the_goal_is_met_only_when_every_figure_meets_it():
     assert "Holds: beats ce-matched in mean balanced accuracy" in line
 
 
+def test_the_report_shows_how_active_each_arms_term_was_at_the_end():
+    """A distance term of 0.0001 at the last epoch means the margin was met: the report must show it."""
+    def row(arm, seed, term):
+        return {"dataset": "breastmnist", "model": "resnet18", "arm": arm, "seed": seed, "train_s": 1.0,
+                "arm_params": {}, "test_recall_per_class": [0.7, 0.9], "distractor_term": term,
+                "test": {"balanced_accuracy": 0.8, "auc": 0.9, "macro_f1": 0.8, "accuracy": 0.85, "qwk": None}}
+
+    rows = [row("ce", s, 0.0) for s in range(2)] + [row("nil-fresh", 0, 0.0001), row("nil-fresh", 1, 0.0003),
+                                                     row("nil-gradient", 0, 0.5), row("nil-gradient", 1, None)]
+    summary = study_module.summarise(rows)
+    term = {e["arm"]: e["distractor_term"] for e in summary}
+    assert term["nil-fresh"] == pytest.approx(0.0002) and term["nil-gradient"] == pytest.approx(0.5)
+    text = study_markdown({"command": "", "commit": "x", "settings": asdict(Study(datasets=["breastmnist"])),
+                           "choices": {}, "summary": summary, "paired": [], "goal": [], "planned_runs": 6,
+                           "finished_runs": 6, "machine": {"cpu": "cpu", "cores": 2}})
+    table = [x for x in text.splitlines() if x.startswith("| resnet18 |")]
+    cells = {x.split(" | ")[1]: x.split(" | ")[-2] for x in table}  # the column before train s/run
+    assert cells == {"ce": "-", "nil-fresh": "0.0002", "nil-gradient": "0.5000"}
+    assert "the margin was already met" in text
+
+
 def test_study_command_rejects_an_unknown_arm(tmp_path):
     result = CliRunner().invoke(main, ["bench", "study", "tune", "--arms", "ce,magic", "--out", str(tmp_path / "s.json")])
     assert result.exit_code != 0 and "unknown arms ['magic']" in result.output
