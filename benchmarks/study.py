@@ -71,6 +71,13 @@ ARMS = {
     # helps". Added after every other arm's final runs (2026-12-06), tuned on validation with the same
     # budget (lambda x lr; margin 1.0 from nil-fresh's choice) before any test figure of it
     "nil-replay": dict(loss="nil", ann="exact", fresh_distractors=True, distractor="memory", replay=0.1),
+    # nil-fresh with the term (and the memory) in the L2-normalised pooled features the classifier reads
+    # (--term-space features). Added 2026-12-08 after every other arm's final runs, because the training
+    # logs showed nil-fresh's term in z near 0 from the first epochs at every tuned margin (last epoch
+    # 0.0001-0.018): the projection head alone can spread the classes on its sphere, so the push apart
+    # never reaches the backbone. Tuned on validation with the same budget before any test figure of it
+    "nil-features": dict(loss="nil", ann="exact", fresh_distractors=True, distractor="memory",
+                         term_space="features"),
 }
 GRID = {
     "ce": {"lr": [5e-4, 1e-3, 2e-3], "weight_decay": [1e-4, 1e-3]},
@@ -86,6 +93,10 @@ GRID = {
     # lambda 0.3 won every other distractor arm's grid, larger always lost: explore below it, and both
     # learning rates chosen so far (ce-matched 5e-4, the others 1e-3)
     "nil-replay": {"lam": [0.1, 0.3, 1.0], "lr": [5e-4, 1e-3]},
+    # normalised pooled features are non-negative, so closer than on z's sphere: in a ResNet-18 trained
+    # by nil-fresh (BreastMNIST training split) the nearest other-class sample lies 0.22 / 0.31 / 0.46 away
+    # (10th / 50th / 90th percentile): margin 0.5 is active for most samples, 1.0 for all
+    "nil-features": {"lam": [0.3, 1.0, 3.0], "margin": [0.5, 1.0]},
 }
 REPORTED = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "qwk")
 # two-sided 95% Student t quantiles by degrees of freedom
@@ -142,7 +153,8 @@ def run_config(study: Study, dataset: str, model: str, arm: str, seed: int, para
 
 RETIRED_FIELDS = {"extra": {}}  # TrainConfig fields removed after runs were written, with the value they had
 ADDED_FIELDS = {"pretrained": False, "normalize": "half", "backbone_lr_scale": 1.0, "freeze_stem_epochs": 0,
-                "ann_nprobe": None, "ann_rerank": None, "ann_params": {}, "term_weighting": "none", "replay": 0.0}  # fields added after runs were written: left out of the key at this value
+                "ann_nprobe": None, "ann_rerank": None, "ann_params": {}, "term_weighting": "none", "replay": 0.0,
+                "term_space": "z"}  # fields added after runs were written: left out of the key at this value
 
 
 def run_key(stage: str, cfg: TrainConfig) -> str:
@@ -438,7 +450,7 @@ def study_plot_png(result: dict) -> bytes:
     return buf.getvalue()
 
 
-DISTRACTOR_ARMS = ("nil-fresh", "nil-gradient", "nil-balanced", "nil-replay")  # the distractor-aware arms the goal is held against
+DISTRACTOR_ARMS = ("nil-fresh", "nil-gradient", "nil-balanced", "nil-replay", "nil-features")  # the distractor-aware arms the goal is held against
 
 
 def goal(summary: list[dict], pairs: list[dict], arms: tuple[str, ...] = DISTRACTOR_ARMS) -> list[dict]:

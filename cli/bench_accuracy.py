@@ -98,12 +98,13 @@ def bench_accuracy(datasets, models, arms, seeds, epochs, precision, batch_size,
 @click.argument("stage", type=click.Choice(["tune", "final", "report"]))
 @click.option("--datasets", default="retinamnist,breastmnist", show_default=True, help="Comma-separated.")
 @click.option("--models", default="small_cnn,resnet18", show_default=True, help="final: comma-separated models.")
-@click.option("--arms", default="ce,ce-matched,nil-fresh,nil-stored,nil-gradient,nil-balanced,nil-replay",
+@click.option("--arms", default="ce,ce-matched,nil-fresh,nil-stored,nil-gradient,nil-balanced,nil-replay,nil-features",
               show_default=True,
               help="Comma-separated arms (ce, ce-matched = CE with replayed distractor images, nil-fresh, nil-stored, "
                    "nil-gradient = the feature-gradient distractor, nil-balanced = nil-gradient with the term "
                    "weighted by inverse class frequency, nil-replay = ce-matched's replay plus the term on the "
-                   "replayed images' fresh embeddings).")
+                   "replayed images' fresh embeddings, nil-features = nil-fresh with the term in the normalised "
+                   "pooled features).")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="final: comma-separated seeds.")
 @click.option("--tune-seeds", default="100", show_default=True, help="tune: seeds (keep them apart from --seeds).")
 @click.option("--tune-models", default="small_cnn", show_default=True, help="tune: models the grids run on.")

@@ -10,7 +10,7 @@ import click
 from cli.options import INDEX_PARAM
 from cli.tables import metrics_table
 from nil.config import (ANNS, DISTRACTORS, FORMATS, LOGS, LOSSES, METRICS, MODELS, NORMALIZES, ON_BAD_IMAGE, PRECISIONS,
-                        SCHEDULES, SPLITS, TERM_WEIGHTINGS, VARIANTS, TrainConfig)
+                        SCHEDULES, SPLITS, TERM_SPACES, TERM_WEIGHTINGS, VARIANTS, TrainConfig)
 
 DEFAULT = TrainConfig()  # `nil train`'s defaults live in one place: the config
 
@@ -162,6 +162,10 @@ class ModelName(click.ParamType):
               help="balanced: weight each sample's distractor term by N / (C x n_class) of its class in the training "
                    "split, so a rare class (malignant, the top grade) pushes away from its distractors as hard as a "
                    "common one.")
+@click.option("--term-space", default=DEFAULT.term_space, show_default=True, type=click.Choice(TERM_SPACES),
+              help="Where the distractor term measures distances (and a memory searches): z, the projection head's "
+                   "embedding; features, the L2-normalised pooled features the classifier reads, so the push "
+                   "apart reaches the backbone instead of being absorbed by the projection head.")
 @click.option("--distractor", default="auto", show_default=True, type=click.Choice(DISTRACTORS),
               help="memory: nearest stored other-class sample (searched per --ann); gradient: feature-space distractor "
                    "from the neurons (the study's validation choice); auto: memory when --ann exact|faiss, "

@@ -24,11 +24,13 @@ Split = Literal["train", "val", "test"]
 Normalize = Literal["auto", "data", "imagenet", "half"]
 Log = Literal["csv", "tensorboard", "none"]
 TermWeighting = Literal["none", "balanced"]
+TermSpace = Literal["z", "features"]
 
 MODELS, FORMATS, ON_BAD_IMAGE, SCHEDULES = get_args(Model), get_args(Format), get_args(OnBadImage), get_args(Schedule)
 LOSSES, VARIANTS, DISTRACTORS, ANNS = get_args(Loss), get_args(Variant), get_args(Distractor), get_args(Ann)
 METRICS, PRECISIONS, SPLITS = get_args(Metric), get_args(Precision), get_args(Split)
 NORMALIZES, LOGS, TERM_WEIGHTINGS = get_args(Normalize), get_args(Log), get_args(TermWeighting)
+TERM_SPACES = get_args(TermSpace)
 
 
 # The margin each distractor source was chosen with on validation (benchmarks/results/study-choice.json,
@@ -76,6 +78,7 @@ class TrainConfig:
     warmup_epochs: int = 0  # epochs of CE only before the distractor term starts
     replay: float = 0.0  # --loss nil with a memory: weight of the mined distractor images' own CE beside the term (0: off)
     term_weighting: TermWeighting = "none"  # balanced: each sample's term x N / (C * n_class) of its training class
+    term_space: TermSpace = "z"  # where the term (and a memory) measures distances: z, or the L2-normalised pooled features the classifier reads
     distractor: Distractor = "auto"  # memory: nearest stored other-class sample; gradient: from the neurons; auto: memory when something needs one (--ann exact|faiss, ce-replay, triplet, --index-from), else gradient
     gradient_step: float = 0.5  # --distractor gradient: step along the confusing class's gradient, x ||f||
     fresh_distractors: bool = True  # re-embed each mined distractor image with the current network (stored: collapses)
@@ -153,6 +156,11 @@ class TrainConfig:
              "--stored-distractors"),
             (self.term_weighting == "none" or self.loss == "nil",
              "--term-weighting weights the distractor term: it needs --loss nil"),
+            (self.term_space == "z" or self.loss == "nil",
+             "--term-space says where the distractor term measures distances: it needs --loss nil"),
+            (self.term_space == "z" or self.index_from is None,
+             "--term-space features measures pooled features, and an index from `nil index build` holds embeddings "
+             "z; drop --index-from"),
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
              and self.val_fraction + self.test_fraction < 1, "split fractions must lie in [0, 1) and sum below 1"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device must be auto, cpu or cuda"),

@@ -183,12 +183,13 @@ class DistractorMiner:
 
 
 def gradient_distractor(model: torch.nn.Module, features: torch.Tensor, logits: torch.Tensor,
-                        labels: torch.Tensor, step: float) -> Mined:
+                        labels: torch.Tensor, step: float, space: str = "z") -> Mined:
     """A feature-space distractor built from the network itself ("neuron" distractor).
 
     For each sample take the most confusing other class c (highest non-target logit), move the
     pooled features f a step along the gradient that raises logit c, f' = f + step * ||f|| * g/||g||,
-    and embed f' with the same projection head. Returns the embeddings of f' (detached).
+    and embed f' with the same projection head (``space`` "z") or L2-normalise it (``"features"``).
+    Returns those vectors of f' (detached).
     """
     masked = logits.detach().float().clone()
     masked.scatter_(1, labels[:, None], float("-inf"))
@@ -201,7 +202,7 @@ def gradient_distractor(model: torch.nn.Module, features: torch.Tensor, logits: 
     with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
         direction = F.normalize(g, dim=1)
         moved = f.detach() + step * f.detach().norm(dim=1, keepdim=True) * direction
-        z_adv = model.heads(moved).z.float()
+        z_adv = F.normalize(moved, dim=1) if space == "features" else model.heads(moved).z.float()
     valid = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
     return Mined(z_adv, valid, torch.full_like(labels, -1))
 
@@ -285,10 +286,10 @@ class SearchedDistractors(DistractorSource):
     ``--loss nil --replay W``, replay beside the term, which then measures those fresh embeddings).
     Without ``images`` the stored (detached) vector is used.
 
-    ``space``: where the search measures distances: ``"z"``, the embedding the distractor term acts
-    on, or ``"features"``, the L2-normalised pooled features that cross-entropy trains (the
-    replay control, whose loss never reaches z: searched in z, an untrained random projection, its
-    distractors are a few hub images).
+    ``space``: where the search and the term measure distances: ``"z"``, the projection head's
+    embedding, or ``"features"``, the L2-normalised pooled features that cross-entropy trains
+    (``--term-space features``; and the replay control, whose loss never reaches z: searched in z,
+    an untrained random projection, its distractors are a few hub images).
     """
 
     def __init__(self, miner: DistractorMiner, images: DistractorImages | None = None, replay: bool = False,
@@ -299,11 +300,15 @@ class SearchedDistractors(DistractorSource):
             raise ValueError(f"space must be z or features, got {space!r}")
         self.miner, self.images, self.replay, self.space = miner, images, replay, space
 
+    def vectors(self, out: ModelOutput) -> torch.Tensor:
+        """The vectors of ``space`` (with grad): what the term measures and the memory holds."""
+        if self.space == "features":
+            return F.normalize(out.features.float(), dim=1)
+        return out.z.float()
+
     def key(self, out: ModelOutput) -> torch.Tensor:
         """The detached vectors the memory stores and is searched with."""
-        if self.space == "features":
-            return F.normalize(out.features.detach().float(), dim=1)
-        return out.z.detach().float()
+        return self.vectors(out).detach()
 
     def step(self, model, x, y, ids, active):
         out = embed(model, x)
@@ -316,7 +321,7 @@ class SearchedDistractors(DistractorSource):
 
     def _embed_again(self, model, out: ModelOutput, pairs: Mined, ids: torch.Tensor) -> Step:
         device = out.z.device
-        z = out.z.float()
+        v = self.vectors(out)
         in_batch = (pairs.ids[:, None] == ids[None, :]) & pairs.valid[:, None]  # (B, B): distractor j is in the batch
         here = in_batch.any(1)
         rows = self.images.rows(pairs.ids.cpu()).to(device)
@@ -325,14 +330,14 @@ class SearchedDistractors(DistractorSource):
             elsewhere &= ~here
         distractor = pairs.distractor.detach().float()
         if not self.replay and bool(here.any()):
-            distractor = torch.where(here[:, None], z[in_batch.float().argmax(1)], distractor)
+            distractor = torch.where(here[:, None], v[in_batch.float().argmax(1)], distractor)
         replay = labels = None
         if bool(elsewhere.any()):
             take = elsewhere.nonzero().squeeze(1)
             images, labels = self.images.load(rows[take].cpu(), device)
             replay = distributed.unwrap(model)(images)  # unwrapped: DDP sees one forward per step
-            if self.space == "z":  # the term measures z: the distractor is its fresh embedding
-                distractor = distractor.index_put((take,), replay.z.float())
+            # the distractor is its fresh vector (for the replay control's search in features, unused)
+            distractor = distractor.index_put((take,), self.vectors(replay))
             if not self.replay:
                 replay = labels = None
         return Step(out, Mined(distractor, pairs.valid, pairs.ids, pairs.positive, pairs.positive_valid),
@@ -345,11 +350,12 @@ class SearchedDistractors(DistractorSource):
 class GradientDistractors(DistractorSource):
     """A feature-space distractor from the network's own neurons (:func:`gradient_distractor`); no memory."""
 
-    def __init__(self, step_size: float):
-        self.step_size = step_size
+    def __init__(self, step_size: float, space: str = "z"):
+        self.step_size, self.space = step_size, space
 
     def step(self, model, x, y, ids, active):
         out = embed(model, x)
         if not active:
             return Step(out)
-        return Step(out, gradient_distractor(distributed.unwrap(model), out.features, out.logits, y, self.step_size))
+        return Step(out, gradient_distractor(distributed.unwrap(model), out.features, out.logits, y, self.step_size,
+                                             self.space))

@@ -141,6 +141,8 @@ def method_settings(config: dict) -> dict:
     if loss == "nil":
         out |= {"lam": config.get("lam"), "margin": config.get("margin"), "variant": config.get("variant"),
                 "term_weighting": config.get("term_weighting", "none"),
+                "term measured in": ("pooled features (L2-normalised)" if config.get("term_space") == "features"
+                                     else "z (projection head)"),
                 "replay (weight of the distractor images' CE)": config.get("replay") or None}
     if loss == "ce-replay":
         out["lam (weight of the replayed images' CE)"] = config.get("lam")

@@ -321,16 +321,16 @@ def make_source(cfg: TrainConfig, ds: Dataset, image_size: int, device: torch.de
     """The distractor source the configuration asks for (see :mod:`nil.mining`).
 
     ``--loss ce-replay`` searches the model's pooled features (``feature_dim`` wide): its loss
-    never trains z."""
+    never trains z; ``--term-space features`` searches them too, as its term measures them."""
     if cfg.loss == "ce":
         return DistractorSource()
     if cfg.distractor == "gradient":
-        return GradientDistractors(cfg.gradient_step)
+        return GradientDistractors(cfg.gradient_step, cfg.term_space)
     kind = faiss_index.resolve_kind(kind, str(device))
-    space = "features" if cfg.loss == "ce-replay" else "z"
+    space = "features" if cfg.loss == "ce-replay" else cfg.term_space
     dim = feature_dim if space == "features" else cfg.embed_dim
     if dim is None:
-        raise ValueError("--loss ce-replay searches pooled features: pass feature_dim")
+        raise ValueError("a memory of pooled features (--loss ce-replay, --term-space features) needs feature_dim")
     miner = DistractorMiner(cfg.ann, ds.num_classes, dim, device, kind=kind,
                             refresh_every=cfg.refresh_every, need_positive=cfg.variant == "triplet",
                             audit_every=cfg.audit_every, index=_start_index(cfg, ds, device),
@@ -354,12 +354,13 @@ def step_loss(step: Step, y: torch.Tensor, criterion: DistractorLoss, cfg: Train
     """
     ce = F.cross_entropy(step.out.logits.float(), y)
     z = step.out.z.float()
-    second = z.sum() * 0.0
+    second = z.sum() * 0.0  # adding it changes no value and keeps the projection head in every step's graph
     replayed = (F.cross_entropy(step.replay.logits.float(), step.replay_labels)
                 if step.replay is not None else None)
     if cfg.loss == "nil" and step.pairs is not None:
         p = step.pairs
-        second = criterion(z, p.distractor, p.valid, p.positive, p.positive_valid, labels=y)
+        anchor = F.normalize(step.out.features.float(), dim=1) if cfg.term_space == "features" else z
+        second = second + criterion(anchor, p.distractor, p.valid, p.positive, p.positive_valid, labels=y)
     elif replayed is not None:
         second = second + replayed
     total = ce + cfg.lam * second

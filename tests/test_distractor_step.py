@@ -322,3 +322,85 @@ def test_replay_source_in_feature_space_finds_the_nearest_other_class_pooled_fea
 def test_ce_replay_with_a_saved_index_is_refused():
     with pytest.raises(NilError, match="ce-replay searches pooled features"):
         TrainConfig(data="x", out="y", loss="ce-replay", index_from="idx", ann="exact").validate()
+
+
+# ------------------------------------------------------------------ --term-space features
+def test_the_term_in_feature_space_measures_the_normalised_pooled_features():
+    """step_loss's term compares normalise(f) with the distractor, not z; the head stays in the graph."""
+    torch.manual_seed(0)
+    logits, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    z = torch.nn.functional.normalize(torch.randn(4, 8), dim=1).requires_grad_(True)
+    f = torch.randn(4, 16).relu().requires_grad_(True)
+    d = torch.nn.functional.normalize(torch.rand(4, 16), dim=1)
+    pairs = Mined(d, torch.ones(4, dtype=torch.bool), torch.arange(4))
+    criterion = DistractorLoss(2.0)
+    _, _, second = step_loss(Step(ModelOutput(logits, z, f), pairs), y, criterion,
+                             TrainConfig(loss="nil", term_space="features"))
+    expected = criterion(torch.nn.functional.normalize(f, dim=1), d, pairs.valid)
+    assert torch.allclose(second, expected) and second > 0
+    second.backward()
+    assert f.grad is not None and f.grad.abs().sum() > 0
+    assert z.grad is not None and torch.count_nonzero(z.grad) == 0  # in the graph, pushed nowhere
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_feature_space_memory_holds_and_returns_normalised_pooled_features(setup, fresh):
+    ds, model, images, x, y, ids = setup
+    width = model.classifier.in_features
+    miner = DistractorMiner("exact", ds.num_classes, width)
+    source = SearchedDistractors(miner, images if fresh else None, space="features")
+    with batch_statistics(model):
+        first = source.step(model, x, y, ids, active=True)
+    source.update(first, y, ids)
+    with batch_statistics(model):
+        step = source.step(model, x, y, ids, active=True)
+    f = torch.nn.functional.normalize(step.out.features.detach(), dim=1)
+    assert step.pairs.distractor.shape == (len(y), width)
+    assert torch.allclose(step.pairs.distractor.norm(dim=1), torch.ones(len(y)), atol=1e-5)
+    d = torch.cdist(f, f).masked_fill(y[:, None] == y[None, :], float("inf"))
+    assert torch.equal(step.pairs.ids, ids[d.argmin(1)])  # the memory holds this very batch
+    if fresh:  # each distractor is in the batch: its vector is the batch's own, with grad
+        assert step.pairs.distractor.requires_grad
+        assert torch.allclose(step.pairs.distractor.detach(), f[d.argmin(1)], atol=1e-6)
+
+
+def test_the_gradient_distractor_in_feature_space_is_the_normalised_moved_features(setup):
+    ds, model, images, x, y, ids = setup
+    with batch_statistics(model):
+        step = GradientDistractors(0.5, "features").step(model, x, y, ids, active=True)
+    v = step.pairs.distractor
+    assert v.shape == step.out.features.shape and not v.requires_grad
+    assert torch.allclose(v.norm(dim=1), torch.ones(len(y)), atol=1e-5)
+    f = torch.nn.functional.normalize(step.out.features.detach().float(), dim=1)
+    gap = (v - f).norm(dim=1)
+    assert bool((gap > 1e-4).all()) and bool((gap < 0.5).all())  # moved by at most atan(0.5) of arc
+
+
+@pytest.mark.parametrize("kw", [
+    dict(ann="exact", fresh_distractors=True),
+    dict(ann="faiss", ann_index="flat", fresh_distractors=True),
+    dict(ann="exact", fresh_distractors=False),
+    dict(distractor="gradient"),
+])
+def test_feature_space_runs_train_end_to_end_and_the_report_says_so(tmp_path, tiny_npz, kw):
+    from nil.report import method_settings
+
+    cfg = TrainConfig(data=str(tiny_npz), out=str(tmp_path / "r"), model="small_cnn", epochs=2, batch_size=32,
+                      embed_dim=8, progress=False, device="cpu", term_space="features", margin=1.0, **kw)
+    train(cfg)
+    lines = [json.loads(s) for s in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["train"]["distractor_rate"] > 0.5 and lines[-1]["train"]["loss_distractor"] > 0.0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["term_space"] == "features"
+    assert method_settings(config)["term measured in"] == "pooled features (L2-normalised)"
+    assert method_settings(config | {"term_space": "z"})["term measured in"] == "z (projection head)"
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(loss="ce"), "--term-space says"),
+    (dict(loss="ce-replay", ann="exact"), "--term-space says"),
+    (dict(loss="nil", ann="exact", index_from="idx"), "drop --index-from"),
+])
+def test_feature_space_where_it_cannot_apply_is_refused(kw, message):
+    with pytest.raises(NilError, match=message):
+        TrainConfig(data="x", out="y", term_space="features", **kw).validate()

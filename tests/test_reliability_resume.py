@@ -61,6 +61,9 @@ def epoch_lines(run: Path) -> list[dict]:
     (dict(ann="exact", fresh_distractors=True, checkpoint_every=4), 5),
     # nil train's defaults: the gradient distractor, no memory to restore
     (dict(checkpoint_every=4), 5),
+    # a FAISS memory of pooled features, the term measured there (--term-space features)
+    (dict(ann="faiss", ann_index="flat", refresh_every=5, fresh_distractors=True, term_space="features",
+          checkpoint_every=4), 5),
 ])
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_npz, kw, kill_at):
     cfg = BASE | kw
