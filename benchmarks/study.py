@@ -523,7 +523,9 @@ def study_markdown(result: dict) -> str:
         *markdown_head("Study: distractor-aware training against a fair, converged baseline", result),
         f"Finished {result['finished_runs']} of {result['planned_runs']} planned final runs (the study is "
         f"resumable: rerunning the command continues it). Commit {result['commit']}; machine "
-        f"{result['machine']['cpu']}, {result['machine']['cores']} cores, one run at a time.",
+        f"{result['machine']['cpu']}, {result['machine']['cores']} cores; torch threads per run: "
+        f"{', '.join(str(t) for t in sorted({r['threads'] for r in result.get('rows', []) if r.get('threads')})) or '-'} "
+        "(a run may have shared the cores with another, so train s/run compares arms only roughly).",
         "",
         f"Recipe for every arm: official MedMNIST splits at 28x28, epochs {s['epochs']}, batch {s['batch_size']}, "
         f"AdamW, {s['schedule']} schedule (x0.1 at 50% and 75% of the steps), random flips, {s['precision']}; "
