@@ -245,6 +245,11 @@ class EmbeddingsNotFinite(ValueError):
     """The batch's embeddings hold NaN or inf; raised before any search or memory sees them."""
 
 
+def space_vectors(out: ModelOutput, space: str) -> torch.Tensor:
+    """The vectors the term measures and a memory holds (with grad): z, or the L2-normalised pooled features."""
+    return F.normalize(out.features.float(), dim=1) if space == "features" else out.z.float()
+
+
 def embed(model, x: torch.Tensor) -> ModelOutput:
     """The batch's forward pass, refused when its embeddings are not finite."""
     out = model(x)
@@ -302,9 +307,7 @@ class SearchedDistractors(DistractorSource):
 
     def vectors(self, out: ModelOutput) -> torch.Tensor:
         """The vectors of ``space`` (with grad): what the term measures and the memory holds."""
-        if self.space == "features":
-            return F.normalize(out.features.float(), dim=1)
-        return out.z.float()
+        return space_vectors(out, self.space)
 
     def key(self, out: ModelOutput) -> torch.Tensor:
         """The detached vectors the memory stores and is searched with."""

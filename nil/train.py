@@ -41,7 +41,7 @@ from nil.loaders import make_loader
 from nil.metrics import classification_metrics, summary
 from nil.batchnorm import batch_statistics
 from nil.mining import (DistractorImages, DistractorMiner, DistractorSource, EmbeddingsNotFinite, GradientDistractors,
-                        SearchedDistractors, Step)
+                        SearchedDistractors, Step, space_vectors)
 from nil.models import build_model, is_timm, normalization, stem, timm_normalization
 from nil.predict import autocast, predict
 from nil.resume import Checkpointer, check_same_data, write_run_config
@@ -359,8 +359,7 @@ def step_loss(step: Step, y: torch.Tensor, criterion: DistractorLoss, cfg: Train
                 if step.replay is not None else None)
     if cfg.loss == "nil" and step.pairs is not None:
         p = step.pairs
-        anchor = F.normalize(step.out.features.float(), dim=1) if cfg.term_space == "features" else z
-        second = second + criterion(anchor, p.distractor, p.valid, p.positive, p.positive_valid, labels=y)
+        second = second + criterion(space_vectors(step.out, cfg.term_space), p.distractor, p.valid, p.positive, p.positive_valid, labels=y)
     elif replayed is not None:
         second = second + replayed
     total = ce + cfg.lam * second
